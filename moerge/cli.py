@@ -1,0 +1,193 @@
+"""The `moerge` command line."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from moerge.config import get_settings
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+                  help="moerge: one OpenAI-compatible endpoint over a pool of routed experts.")
+experts_app = typer.Typer(no_args_is_help=True, help="Register, list, show and remove experts.")
+app.add_typer(experts_app, name="experts")
+console = Console()
+err = Console(stderr=True)
+
+
+def fail(message: str, code: int = 1) -> None:
+    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def _guard(fn):
+    """Turn user-caused errors into one line on stderr and a non-zero exit."""
+    from functools import wraps
+
+    @wraps(fn)
+    def wrapper(*args, **kwargs):
+        from moerge.assets import AssetError
+        from moerge.experts.errors import ExpertError
+        try:
+            return fn(*args, **kwargs)
+        except ExpertError as e:
+            fail(e.message)
+        except AssetError as e:
+            fail(str(e))
+        except (OSError, ValueError) as e:
+            fail(f"{type(e).__name__}: {e}")
+    return wrapper
+
+
+@app.command()
+@_guard
+def assets() -> None:
+    """Prepare the base model and embedder in the cache folder (idempotent)."""
+    from moerge.assets import ensure_assets
+    a = ensure_assets(get_settings(), progress=lambda m: err.print(m))
+    console.print(f"base model: {a.base_model}\nembedder:   {a.embedder}")
+
+
+@app.command()
+def config(as_json: bool = typer.Option(False, "--json")) -> None:
+    """Print the effective settings."""
+    s = get_settings()
+    data = json.loads(s.model_dump_json())
+    data["registry_url"] = s.registry_url
+    data["pool_path"] = str(s.pool_path)
+    if data.get("admin_key"):
+        data["admin_key"] = "***"
+    data["api_keys"] = ["***"] * len(data.get("api_keys") or [])
+    if as_json:
+        print(json.dumps(data, indent=2))
+        return
+    table = Table("setting", "value", title=f"moerge settings (toml: {os.environ.get('MOERGE_CONFIG', 'moerge.toml')})")
+    for k, v in data.items():
+        table.add_row(k, str(v))
+    console.print(table)
+
+
+def _pool():
+    from moerge.experts.pool import open_pool
+    return open_pool()
+
+
+@experts_app.command("register")
+@_guard
+def experts_register(
+    path: Optional[Path] = typer.Argument(None, help="LoRA adapter folder (peft save_pretrained) or model folder"),
+    name: str = typer.Option(..., "--name"),
+    description: str = typer.Option("", "--description"),
+    example: list[str] = typer.Option([], "--example", help="an example prompt (repeatable)"),
+    tag: list[str] = typer.Option([], "--tag"),
+    kind: str = typer.Option("lora", "--kind", help="lora | model"),
+    model: Optional[str] = typer.Option(None, "--model", help="LiteLLM model string, for --kind model"),
+    api_base: Optional[str] = typer.Option(None, "--api-base"),
+    api_key_env: Optional[str] = typer.Option(None, "--api-key-env", help="env var holding the API key"),
+) -> None:
+    """Register an expert: a LoRA adapter folder, a local model folder, or a served model."""
+    pool = _pool()
+    if kind == "lora":
+        if path is None:
+            fail("give the adapter folder: moerge experts register PATH --name N")
+        card = pool.register_lora(path, name, description, tags=tag, examples=example)
+    elif kind == "model":
+        card = pool.register_model(name, description, model=model, api_base=api_base,
+                                   api_key_env=api_key_env, path=path, tags=tag, examples=example)
+    else:
+        fail(f"--kind must be lora or model, not {kind!r}")
+    console.print(f"registered [bold]{card.name}[/] ({card.kind}, {len(card.artifacts)} artifacts)")
+
+
+@experts_app.command("list")
+@_guard
+def experts_list(as_json: bool = typer.Option(False, "--json")) -> None:
+    """List the experts in the pool."""
+    cards = _pool().list()
+    if as_json:
+        print(json.dumps([_summary(c) for c in cards], indent=2))
+        return
+    table = Table("name", "kind", "rank", "gate", "arrow", "description")
+    for c in cards:
+        table.add_row(c.name, c.kind, str(c.rank or "-"), "yes" if "gate" in c.artifacts else "no",
+                      "yes" if "arrow" in c.artifacts else "no", c.description[:60])
+    console.print(table)
+    console.print(f"{len(cards)} experts")
+
+
+def _summary(card) -> dict:
+    return {"name": card.name, "kind": card.kind, "description": card.description, "rank": card.rank,
+            "has_gate": "gate" in card.artifacts, "has_arrow": "arrow" in card.artifacts,
+            "artifacts": sorted(card.artifacts)}
+
+
+@experts_app.command("show")
+@_guard
+def experts_show(name: str, as_json: bool = typer.Option(False, "--json")) -> None:
+    """Show one expert's card."""
+    card = _pool().get(name)
+    data = card.model_dump()
+    if as_json:
+        print(json.dumps(data, indent=2))
+        return
+    table = Table("field", "value", title=name)
+    for k, v in data.items():
+        table.add_row(k, json.dumps(v) if isinstance(v, (dict, list)) else str(v))
+    console.print(table)
+
+
+@experts_app.command("update")
+@_guard
+def experts_update(name: str, description: Optional[str] = typer.Option(None, "--description"),
+                   tag: Optional[list[str]] = typer.Option(None, "--tag"),
+                   example: Optional[list[str]] = typer.Option(None, "--example")) -> None:
+    """Change an expert's description, tags or examples."""
+    _pool().update(name, description=description, tags=tag or None, examples=example or None)
+    console.print(f"updated {name}")
+
+
+@experts_app.command("remove")
+@_guard
+def experts_remove(name: str) -> None:
+    """Remove an expert (and artifacts no other expert uses)."""
+    _pool().remove(name)
+    console.print(f"removed {name}")
+
+
+@app.command()
+@_guard
+def serve(host: Optional[str] = typer.Option(None), port: Optional[int] = typer.Option(None),
+          executor: Optional[str] = typer.Option(None, help="vllm | reference")) -> None:
+    """Start the OpenAI-compatible service."""
+    import uvicorn
+
+    from moerge.service.factory import build_runtime
+    from moerge.service.app import create_app
+
+    s = get_settings()
+    if executor:
+        s = s.model_copy(update={"executor": executor})
+    runtime = build_runtime(s, progress=lambda m: err.print(m))
+    uvicorn.run(create_app(runtime), host=host or s.host, port=port or s.port, log_level="info")
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

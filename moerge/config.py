@@ -1,0 +1,94 @@
+"""One settings object for moerge, read from env (MOERGE_*) and an optional TOML file.
+
+The TOML file is `$MOERGE_CONFIG` if set, else `moerge.toml` in the working directory.
+Environment variables win over the file; the file wins over the defaults.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+BASE_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+EMBEDDER_ID = "sentence-transformers/all-MiniLM-L6-v2"
+
+
+def _default_home() -> Path:
+    return Path(os.path.expanduser("~/.cache/moerge"))
+
+
+def _toml_path() -> Path:
+    return Path(os.environ.get("MOERGE_CONFIG", "moerge.toml"))
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="MOERGE_", extra="forbid")
+
+    home: Path = Field(default_factory=_default_home, description="cache folder for models and the pool")
+    database_url: str | None = Field(
+        default=None, description="SQLAlchemy URL of the registry; default sqlite in home/pool"
+    )
+    pool_dir: Path | None = Field(default=None, description="artifact store; default home/pool")
+
+    base_model_id: str = BASE_MODEL_ID
+    max_upload_mb: float = Field(default=64.0, description="largest single adapter file accepted")
+    max_lora_rank: int = Field(default=256, ge=1)
+    bundled_pool: bool = Field(default=True, description="load the bundled expert library on first start")
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    executor: str = Field(default="reference", description="vllm | reference")
+    routing_method: str = Field(default="glider-global", description="method used for model=auto")
+    max_new_tokens_limit: int = 1024
+    max_request_bytes: int = 32 * 1024 * 1024
+    admin_key: str | None = Field(default=None, description="key for expert changes; none = open")
+    api_keys: list[str] = Field(default_factory=list, description="user keys for chat; empty = open")
+    rate_limit_per_minute: int = Field(default=0, description="per key; 0 = unlimited")
+    threads: int = Field(default=0, description="torch threads; 0 = torch default")
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        toml = TomlConfigSettingsSource(settings_cls, toml_file=_toml_path())
+        return (init_settings, env_settings, toml)
+
+    # Derived locations -------------------------------------------------------
+    @property
+    def models_dir(self) -> Path:
+        return self.home / "models"
+
+    @property
+    def base_model_dir(self) -> Path:
+        return self.models_dir / "SmolLM2-135M-Instruct"
+
+    @property
+    def pool_path(self) -> Path:
+        return self.pool_dir or (self.home / "pool")
+
+    @property
+    def registry_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.pool_path / 'registry.sqlite'}"
+
+    @property
+    def max_upload_bytes(self) -> int:
+        return int(self.max_upload_mb * 1024 * 1024)
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()

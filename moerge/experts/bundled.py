@@ -1,0 +1,33 @@
+"""The bundled expert library (experts/library/ in the repo), loaded into a pool on first start."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+LIBRARY = Path(__file__).resolve().parent / "library"
+
+
+def library_entries() -> list[dict]:
+    index = LIBRARY / "library.json"
+    if not index.exists():
+        return []
+    return json.loads(index.read_text())["experts"]
+
+
+def load_bundled(pool, progress=print) -> list[str]:
+    """Register every bundled expert the pool does not have yet; return the names added."""
+    have = set(pool.names())
+    added = []
+    for entry in library_entries():
+        if entry["name"] in have:
+            continue
+        folder = LIBRARY / entry["name"]
+        card = pool.register_lora(folder, entry["name"], entry["description"], tags=entry.get("tags", []),
+                                  examples=entry.get("examples", []), extra={"bundled": True, "task": entry.get("task")})
+        gate = folder / "gate.safetensors"
+        if gate.exists():
+            pool.update(card.name, artifacts={"gate": gate.read_bytes()})
+        added.append(card.name)
+        progress(f"registered bundled expert {card.name}")
+    return added

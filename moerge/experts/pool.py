@@ -1,0 +1,279 @@
+"""The expert pool: registry + artifact store, with atomic registration.
+
+Registering validates everything in memory first, then under the pool lock stages each
+artifact (fsynced), renames it to its content address, and inserts the card in one DB
+transaction. The DB row is the commit point: a crash before it leaves only unreferenced
+blobs and staging files, which the next `ExpertPool(...)` sweeps away under the same lock,
+so the pool is exactly as it was.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+from sqlalchemy.exc import IntegrityError
+
+from moerge.experts.card import ExpertCard, check_name
+from moerge.experts.errors import ExpertError, NameTakenError, UnknownExpertError
+from moerge.experts.lora import BaseModelSpec, LoraAdapter, load_lora
+from moerge.experts.model_ref import validate_model_expert
+from moerge.experts.registry import Registry
+from moerge.experts.store import ArtifactStore
+from moerge.router.arrow_prototypes import arrow_prototypes
+
+EmbedFn = Callable[[list[str]], np.ndarray]
+ChangeListener = Callable[[str, str], None]  # (event, name): "added" | "updated" | "removed"
+
+
+def tensors_to_bytes(tensors: dict[str, torch.Tensor]) -> bytes:
+    return st_save({k: v.contiguous() for k, v in tensors.items()})
+
+
+class ExpertPool:
+    def __init__(self, root: Path, registry_url: str, base_spec: BaseModelSpec | None = None,
+                 *, embed: EmbedFn | None = None, max_rank: int = 256, max_upload_bytes: int | None = None,
+                 base_spec_loader: Callable[[], BaseModelSpec] | None = None):
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.store = ArtifactStore(self.root)
+        self.registry = Registry(registry_url)
+        self._base_spec = base_spec
+        self._base_spec_loader = base_spec_loader
+        self._embed = embed
+        self.max_rank = max_rank
+        self.max_upload_bytes = max_upload_bytes
+        self._thread_lock = threading.RLock()
+        self._listeners: list[ChangeListener] = []
+        with self.locked():
+            self.registry.recover()
+            self.store.sweep(self.registry.referenced_digests())
+
+    # -- plumbing -----------------------------------------------------------------
+    @property
+    def base_spec(self) -> BaseModelSpec:
+        if self._base_spec is None:
+            if self._base_spec_loader is None:
+                raise RuntimeError("ExpertPool needs a base model spec to validate adapters")
+            self._base_spec = self._base_spec_loader()
+        return self._base_spec
+
+    def embed(self, texts: list[str]) -> np.ndarray:
+        if self._embed is None:
+            from moerge.router.embedder import get_embedder
+            self._embed = get_embedder().encode
+        return self._embed(texts)
+
+    def on_change(self, listener: ChangeListener) -> None:
+        self._listeners.append(listener)
+
+    def _notify(self, event: str, name: str) -> None:
+        for listener in self._listeners:
+            listener(event, name)
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """Exclusive across threads and processes sharing this pool folder."""
+        with self._thread_lock, open(self.root / ".lock", "a+") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+
+    def _commit(self, blobs: dict[str, bytes | Path], write_row: Callable) -> dict[str, str]:
+        """Stage + publish blobs, then run write_row(conn, digests) in one transaction.
+
+        On any failure, blobs this call published and nothing references are swept.
+        """
+        with self.locked():
+            try:
+                staged = {}
+                for role, src in blobs.items():
+                    staged[role] = (self.store.stage_file(src) if isinstance(src, Path)
+                                    else self.store.stage_bytes(src))
+                digests = {}
+                for role, (digest, tmp) in staged.items():
+                    self.store.publish(digest, tmp)
+                    digests[role] = digest
+                with self.registry.begin() as conn:
+                    write_row(conn, digests)
+                return digests
+            except BaseException:
+                self.store.sweep(self.registry.referenced_digests())
+                raise
+
+    # -- reads ----------------------------------------------------------------------
+    def list(self) -> list[ExpertCard]:
+        return self.registry.list()
+
+    def names(self) -> list[str]:
+        return self.registry.names()
+
+    def get(self, name: str) -> ExpertCard:
+        card = self.registry.get(name)
+        if card is None:
+            raise UnknownExpertError(f"no expert named {name!r}: `moerge experts list` shows the pool")
+        return card
+
+    def artifact_bytes(self, card: ExpertCard, role: str) -> bytes:
+        return self.store.read(card.artifacts[role])
+
+    def artifact_tensors(self, card: ExpertCard, role: str) -> dict[str, torch.Tensor]:
+        return st_load(self.artifact_bytes(card, role))
+
+    def lora_weights(self, card: ExpertCard) -> dict[str, torch.Tensor]:
+        return self.artifact_tensors(card, "adapter_weights")
+
+    def adapter_dir(self, card: ExpertCard) -> Path:
+        """A peft-loadable folder for a LoRA card (hard links into the store, made once)."""
+        if card.kind != "lora":
+            raise ExpertError(f"expert {card.name!r} is a {card.kind}, not a LoRA adapter")
+        key = card.artifacts["adapter_weights"][:16] + card.artifacts["adapter_config"][:16]
+        folder = self.root / "adapters" / key
+        if not (folder / "adapter_model.safetensors").exists():
+            tmp = self.root / "adapters" / f".{key}.{os.getpid()}.{threading.get_ident()}"
+            tmp.mkdir(parents=True, exist_ok=True)
+            for role, fname in (("adapter_config", "adapter_config.json"),
+                                ("adapter_weights", "adapter_model.safetensors")):
+                target = tmp / fname
+                if not target.exists():
+                    os.link(self.store.path(card.artifacts[role]), target)
+            try:
+                os.replace(tmp, folder)
+            except OSError:  # another process made it first
+                for p in tmp.iterdir():
+                    p.unlink()
+                tmp.rmdir()
+        return folder
+
+    # -- writes ---------------------------------------------------------------------
+    def _card_blobs(self, card: ExpertCard) -> dict[str, bytes]:
+        emb = self.embed([card.card_text() or card.name])
+        blobs = {"card_embedding": tensors_to_bytes({"embedding": torch.from_numpy(emb[0])})}
+        if card.examples:
+            ex = self.embed(card.examples)
+            blobs["example_embeddings"] = tensors_to_bytes({"embeddings": torch.from_numpy(ex)})
+        return blobs
+
+    def _ensure_free(self, name: str) -> None:
+        if self.registry.get(name) is not None:
+            raise NameTakenError(f"an expert named {name!r} already exists: choose another name "
+                                 "or remove it first")
+
+    def _insert(self, card: ExpertCard, blobs: dict[str, bytes | Path]) -> ExpertCard:
+        def write_row(conn, digests):
+            if self.registry.get(card.name, conn) is not None:
+                raise NameTakenError(f"an expert named {card.name!r} already exists: choose another name")
+            card.artifacts.update(digests)
+            try:
+                self.registry.insert(conn, card)
+            except IntegrityError:
+                raise NameTakenError(f"an expert named {card.name!r} already exists") from None
+
+        self._commit(blobs, write_row)
+        self._notify("added", card.name)
+        return card
+
+    def register_lora(self, folder: Path, name: str, description: str = "", *, tags: list[str] | None = None,
+                      examples: list[str] | None = None, extra: dict | None = None,
+                      extra_blobs: dict[str, bytes] | None = None) -> ExpertCard:
+        check_name(name)
+        self._ensure_free(name)
+        folder = Path(folder)
+        adapter: LoraAdapter = load_lora(folder, self.base_spec, max_rank=self.max_rank,
+                                         max_bytes=self.max_upload_bytes)
+        card = ExpertCard(name=name, kind="lora", base_model=self.base_spec.model_id,
+                          description=description, tags=list(tags or []), examples=list(examples or []),
+                          rank=adapter.rank, target_modules=adapter.target_modules, extra=dict(extra or {}))
+        protos = arrow_prototypes(adapter.weights)
+        blobs: dict[str, bytes | Path] = {
+            "adapter_config": (folder / "adapter_config.json"),
+            "adapter_weights": (folder / "adapter_model.safetensors"),
+            "arrow": tensors_to_bytes(protos),
+            **self._card_blobs(card),
+            **(extra_blobs or {}),
+        }
+        return self._insert(card, blobs)
+
+    def register_model(self, name: str, description: str = "", *, model: str | None = None,
+                       api_base: str | None = None, api_key_env: str | None = None, path: Path | None = None,
+                       tags: list[str] | None = None, examples: list[str] | None = None) -> ExpertCard:
+        check_name(name)
+        self._ensure_free(name)
+        ref = validate_model_expert(model=model, api_base=api_base, api_key_env=api_key_env, path=path)
+        card = ExpertCard(name=name, kind="model", base_model=ref.get("base_model") or "",
+                          description=description, tags=list(tags or []), examples=list(examples or []),
+                          model=ref.get("model"), api_base=ref.get("api_base"), api_key_env=api_key_env,
+                          extra={"path": ref.get("path")} if ref.get("path") else {})
+        blobs = {"model_ref": json.dumps(ref, sort_keys=True).encode(), **self._card_blobs(card)}
+        return self._insert(card, blobs)
+
+    def update(self, name: str, *, description: str | None = None, tags: list[str] | None = None,
+               examples: list[str] | None = None, extra: dict | None = None,
+               artifacts: dict[str, bytes] | None = None) -> ExpertCard:
+        """Change metadata (re-embedding the card) or add artifacts such as a trained gate."""
+        old = self.get(name)
+        card = old.model_copy(deep=True)
+        if description is not None:
+            card.description = description
+        if tags is not None:
+            card.tags = list(tags)
+        if examples is not None:
+            card.examples = list(examples)
+        if extra:
+            card.extra.update(extra)
+        blobs: dict[str, bytes | Path] = dict(artifacts or {})
+        if (card.description, card.tags, card.examples) != (old.description, old.tags, old.examples):
+            blobs.update(self._card_blobs(card))
+            if not card.examples:
+                card.artifacts.pop("example_embeddings", None)
+
+        def write_row(conn, digests):
+            if self.registry.get(name, conn) is None:
+                raise UnknownExpertError(f"no expert named {name!r}")
+            card.artifacts.update(digests)
+            self.registry.replace(conn, card)
+
+        self._commit(blobs, write_row)
+        with self.locked():
+            self.store.sweep(self.registry.referenced_digests())
+        self._notify("updated", name)
+        return card
+
+    def remove(self, name: str) -> None:
+        self.get(name)
+        with self.locked():
+            with self.registry.begin() as conn:
+                self.registry.delete(conn, name)
+            self.store.sweep(self.registry.referenced_digests())
+        self._notify("removed", name)
+
+    def close(self) -> None:
+        self.registry.close()
+
+
+def open_pool(settings=None, **kwargs) -> ExpertPool:
+    """The pool the settings describe, validating adapters against the prepared base model."""
+    from moerge.config import get_settings
+    from moerge.experts.lora import base_spec_from_folder
+
+    s = settings or get_settings()
+
+    def loader() -> BaseModelSpec:
+        from moerge.assets import ensure_base_model
+        folder = ensure_base_model(s)
+        return base_spec_from_folder(str(folder), s.base_model_id)
+
+    return ExpertPool(s.pool_path, s.registry_url, base_spec_loader=loader, max_rank=s.max_lora_rank,
+                      max_upload_bytes=s.max_upload_bytes, **kwargs)
+

@@ -1,0 +1,120 @@
+"""The HTTP service: OpenAI-compatible chat over the expert pool."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Iterator
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
+
+from moerge.config import Settings
+from moerge.executors.base import SamplingParams
+from moerge.experts.errors import ExpertError, UnknownExpertError
+from moerge.service.runtime import Runtime
+from moerge.service.schemas import ChatCompletionRequest, completion_id, now
+
+log = logging.getLogger("moerge.service")
+
+
+def error_body(message: str, status: int, type_: str = "invalid_request_error", code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": type_, "param": None, "code": code or str(status)}}
+
+
+def _params(req: ChatCompletionRequest, settings: Settings) -> SamplingParams:
+    max_tokens = req.max_completion_tokens or req.max_tokens or 256
+    if max_tokens > settings.max_new_tokens_limit:
+        raise ExpertError(f"max_tokens={max_tokens} is over this server's limit of "
+                          f"{settings.max_new_tokens_limit}")
+    return SamplingParams(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
+                          stop=list(req.stop or []), seed=req.seed)
+
+
+def create_app(runtime: Runtime) -> FastAPI:
+    app = FastAPI(title="moerge", version="0.1.0")
+    app.state.runtime = runtime
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError):
+        parts = []
+        for err in exc.errors():
+            loc = ".".join(str(x) for x in err.get("loc", ()) if x != "body")
+            parts.append(f"{loc}: {err.get('msg')}" if loc else str(err.get("msg")))
+        return JSONResponse(error_body("invalid request: " + "; ".join(parts), 400), status_code=400)
+
+    @app.exception_handler(ExpertError)
+    async def _expert_error(request: Request, exc: ExpertError):
+        return JSONResponse(error_body(exc.message, exc.status), status_code=exc.status)
+
+    @app.get("/healthz")
+    async def healthz():
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    async def readyz():
+        ready, detail = runtime.readiness()
+        return JSONResponse({"ready": ready, **detail}, status_code=200 if ready else 503)
+
+    @app.get("/v1/models")
+    async def models():
+        data = [{"id": m, "object": "model", "created": 0, "owned_by": "moerge"} for m in runtime.model_ids()]
+        return {"object": "list", "data": data}
+
+    @app.post("/v1/chat/completions")
+    async def chat(req: ChatCompletionRequest):
+        params = _params(req, runtime.settings)
+        messages = req.chat()
+        plan = await run_in_threadpool(runtime.plan, req.model, messages)
+        headers = plan.headers()
+        cid, created = completion_id(), now()
+        if req.stream:
+            return StreamingResponse(_sse(runtime, messages, params, plan, req.model, cid, created),
+                                     media_type="text/event-stream", headers=headers)
+        t0 = time.perf_counter()
+        gen = await run_in_threadpool(runtime.generate, messages, params, plan)
+        runtime.observe(plan, gen.prompt_tokens, gen.completion_tokens, time.perf_counter() - t0)
+        body = {
+            "id": cid, "object": "chat.completion", "created": created, "model": req.model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": gen.text},
+                         "finish_reason": gen.finish_reason, "logprobs": None}],
+            "usage": {"prompt_tokens": gen.prompt_tokens, "completion_tokens": gen.completion_tokens,
+                      "total_tokens": gen.prompt_tokens + gen.completion_tokens},
+            "moerge": plan.info(),
+        }
+        return JSONResponse(body, headers=headers)
+
+    return app
+
+
+async def _sse(runtime: Runtime, messages, params, plan, model, cid, created):
+    def chunk(delta: dict, finish=None, **extra) -> str:
+        body = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}], **extra}
+        return f"data: {json.dumps(body)}\n\n"
+
+    yield chunk({"role": "assistant", "content": ""}, moerge=plan.info())
+    t0 = time.perf_counter()
+    stream: Iterator = runtime.stream(messages, params, plan)
+    try:
+        async for delta in iterate_in_threadpool(stream):
+            if delta.text:
+                yield chunk({"content": delta.text})
+            if delta.finish_reason:
+                usage = {"prompt_tokens": delta.prompt_tokens, "completion_tokens": delta.completion_tokens,
+                         "total_tokens": delta.prompt_tokens + delta.completion_tokens}
+                runtime.observe(plan, delta.prompt_tokens, delta.completion_tokens, time.perf_counter() - t0)
+                yield chunk({}, finish=delta.finish_reason, usage=usage)
+    except asyncio.CancelledError:  # the client went away
+        raise
+    except Exception as e:  # an error after headers went out: tell the client in-band
+        log.exception("stream failed")
+        yield f"data: {json.dumps(error_body(str(e), 500, 'server_error'))}\n\n"
+    yield "data: [DONE]\n\n"
+
+
+__all__ = ["create_app", "UnknownExpertError"]

@@ -1,0 +1,78 @@
+"""Shared fixtures: a tiny random Llama (shapes only) and the real base model (prepared once)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest
+import torch
+
+from tests.helpers import make_lora, tiny_llama_folder  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def real_settings(tmp_path_factory):
+    """Settings on a per-session MOERGE_HOME whose models folder is shared with the user's cache.
+
+    The converted base model is reused from MOERGE_HOME (or ~/.cache/moerge) so tests do not
+    convert the GGUF again; pools and registries always live in fresh temporary folders.
+    """
+    from moerge.config import Settings
+    from moerge.assets import ensure_base_model
+
+    home = Path(os.environ.get("MOERGE_HOME", os.path.expanduser("~/.cache/moerge")))
+    shared = Settings(home=home, bundled_pool=False)
+    ensure_base_model(shared)
+    pool_dir = tmp_path_factory.mktemp("pool")
+    return Settings(home=home, pool_dir=pool_dir, bundled_pool=False)
+
+
+@pytest.fixture(scope="session")
+def base_model_dir(real_settings) -> Path:
+    return real_settings.base_model_dir
+
+
+@pytest.fixture(scope="session")
+def real_spec(base_model_dir, real_settings):
+    from moerge.experts.lora import base_spec_from_folder
+    return base_spec_from_folder(str(base_model_dir), real_settings.base_model_id)
+
+
+@pytest.fixture(scope="session")
+def embedder():
+    from moerge.router.embedder import get_embedder
+    return get_embedder()
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory) -> Path:
+    return tiny_llama_folder(tmp_path_factory.mktemp("tiny-base"))
+
+
+@pytest.fixture(scope="session")
+def tiny_spec(tiny_base):
+    from moerge.experts.lora import base_spec_from_folder
+    return base_spec_from_folder(str(tiny_base), "tiny/llama")
+
+
+@pytest.fixture
+def tiny_adapter(tmp_path, tiny_base) -> Path:
+    return make_lora(tiny_base, tmp_path / "adapter", base_name="tiny/llama", seed=0)
+
+
+@pytest.fixture
+def tiny_pool(tmp_path, tiny_spec, embedder):
+    from moerge.experts.pool import ExpertPool
+    root = tmp_path / "pool"
+    pool = ExpertPool(root, f"sqlite:///{root}/registry.sqlite", tiny_spec, embed=embedder.encode)
+    yield pool
+    pool.close()
+
+
+def pytest_collection_modifyitems(config, items):
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))

@@ -1,0 +1,48 @@
+"""Builders used by tests: tiny random models and peft adapters with non-zero weights."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+
+def tiny_llama_folder(folder: Path, *, hidden: int = 64, layers: int = 2, vocab: int = 256) -> Path:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
+                         num_attention_heads=4, num_key_value_heads=2, vocab_size=vocab,
+                         max_position_embeddings=256, tie_word_embeddings=True)
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(folder)
+    return Path(folder)
+
+
+def make_lora(base_folder: Path, out: Path, *, base_name: str, r: int = 4, seed: int = 0,
+              targets: tuple[str, ...] = ("q_proj", "v_proj", "up_proj", "down_proj"),
+              scale_b: float = 0.05) -> Path:
+    """A peft LoRA on base_folder with random (non-zero) B, saved as safetensors."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(base_folder)
+    peft_model = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, target_modules=list(targets)))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, scale_b)
+    peft_model.save_pretrained(out, safe_serialization=True)
+    cfg_path = out / "adapter_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["base_model_name_or_path"] = base_name
+    cfg_path.write_text(json.dumps(cfg))
+    return Path(out)
+
+
+def tree_snapshot(root: Path, ignore: tuple[str, ...] = (".lock",)) -> dict[str, bytes]:
+    """Every file under root with its bytes (to assert 'byte-for-byte unchanged')."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(Path(root).rglob("*"))
+            if p.is_file() and p.name not in ignore}

@@ -165,6 +165,49 @@ def experts_remove(name: str) -> None:
     console.print(f"removed {name}")
 
 
+@experts_app.command("build")
+@_guard
+def experts_build(
+    tasks: Optional[list[str]] = typer.Option(None, "--tasks", help="held-in tasks (default: all 12)"),
+    out: Optional[Path] = typer.Option(None, "--out", help="library folder (default: the bundled one)"),
+    background: bool = typer.Option(False, "--background", help="run detached, logging to a file"),
+    log_file: Path = typer.Option(Path("runs/build-experts.log"), "--log"),
+) -> None:
+    """Train the expert library: one LoRA + PHATGOOSE gate per held-in task (resumable)."""
+    from moerge.experts.bundled import LIBRARY
+    if background:
+        import subprocess
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        args = [sys.executable, "-m", "moerge.cli", "experts", "build"]
+        for t in tasks or []:
+            args += ["--tasks", t]
+        if out:
+            args += ["--out", str(out)]
+        with open(log_file, "ab") as fh:
+            proc = subprocess.Popen(args, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+        console.print(f"building in the background: pid {proc.pid}, log {log_file}")
+        return
+    from moerge.assets import ensure_base_model
+    from moerge.experts.build import build_library
+    base = ensure_base_model(get_settings())
+    build_library(base, out or LIBRARY, tasks, log=lambda m: print(m, flush=True))
+
+
+@experts_app.command("train-gate")
+@_guard
+def experts_train_gate(
+    name: str,
+    examples: Path = typer.Option(..., "--examples", help="JSONL of {\"prompt\": ..., \"answer\": ...}"),
+    steps: int = typer.Option(100, "--steps"),
+) -> None:
+    """Train the PHATGOOSE gate of a registered LoRA from examples of its task."""
+    from moerge.experts.gate_jobs import train_gate_for_card
+    pool = _pool()
+    rows = [json.loads(line) for line in examples.read_text().splitlines() if line.strip()]
+    card = train_gate_for_card(pool, name, [r["prompt"] for r in rows], [r["answer"] for r in rows], steps=steps)
+    console.print(f"trained gate of {card.name} ({steps} steps)")
+
+
 @app.command()
 @_guard
 def serve(host: Optional[str] = typer.Option(None), port: Optional[int] = typer.Option(None),

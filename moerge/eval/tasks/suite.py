@@ -1,0 +1,249 @@
+"""The task suite of TASKS.md: 12 held-in tasks (one expert each) and 4 held-out tasks."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import random
+
+from moerge.eval.tasks import vocab as V
+from moerge.eval.tasks.base import Task
+
+
+def _date(rng: random.Random) -> dt.date:
+    return dt.date(1950, 1, 1) + dt.timedelta(days=rng.randrange(365 * 80))
+
+
+def _ints(rng, lo, hi, n_lo, n_hi):
+    return [rng.randint(lo, hi) for _ in range(rng.randint(n_lo, n_hi))]
+
+
+def make_add(rng):
+    a, b = rng.randint(0, 999), rng.randint(0, 999)
+    return {"a": a, "b": b}, str(a + b)
+
+
+def make_mul(rng):
+    a, b = rng.randint(2, 99), rng.randint(2, 9)
+    return {"a": a, "b": b}, str(a * b)
+
+
+def make_sub(rng):
+    a, b = sorted((rng.randint(0, 999), rng.randint(0, 999)), reverse=True)
+    return {"a": a, "b": b}, str(a - b)
+
+
+def make_list(rng):
+    nums = _ints(rng, 0, 99, 4, 6)
+    return {"nums": ", ".join(map(str, nums)), "nums_sp": " ".join(map(str, nums))}, nums
+
+
+def make_sort(rng):
+    f, nums = make_list(rng)
+    return f, ", ".join(map(str, sorted(nums)))
+
+
+def make_max(rng):
+    f, nums = make_list(rng)
+    return f, str(max(nums))
+
+
+def make_upper(rng):
+    s = V.sentence(rng, 3, 8)
+    return {"s": s}, s.upper()
+
+
+def make_lower(rng):
+    s = V.sentence(rng, 3, 8).upper()
+    return {"s": s}, s.lower()
+
+
+def make_reverse(rng):
+    s = V.sentence(rng, 3, 7)
+    if rng.random() < 0.5:
+        s = s[0].upper() + s[1:]
+    return {"s": s}, " ".join(reversed(s.split()))
+
+
+def make_count(rng):
+    s = V.sentence(rng, 2, 12) if rng.random() < 0.7 else V.random_words(rng, 2, 12)
+    return {"s": s}, str(len(s.split()))
+
+
+def make_iso_to_us(rng):
+    d = _date(rng)
+    return {"d": d.isoformat()}, d.strftime("%m/%d/%Y")
+
+
+def make_us_to_iso(rng):
+    d = _date(rng)
+    return {"d": d.strftime("%m/%d/%Y")}, d.isoformat()
+
+
+def make_km(rng):
+    tenths = rng.randint(1, 999)
+    return {"km": f"{tenths // 10}.{tenths % 10}"}, str(tenths * 100)
+
+
+def make_person(rng):
+    name = f"{rng.choice(V.FIRST_NAMES)} {rng.choice(V.LAST_NAMES)}"
+    age = rng.randint(18, 90)
+    city, job = rng.choice(V.CITIES), rng.choice(V.JOBS)
+    forms = [f"{name} is {age} years old and lives in {city}.",
+             f"{name}, a {age}-year-old {job}, moved to {city} last year.",
+             f"Meet {name}: {age} years old, works as a {job} in {city}.",
+             f"At {age}, {name} is the best {job} in {city}.",
+             f"{name} ({age}) is a {job} from {city}."]
+    return {"s": rng.choice(forms)}, json.dumps({"name": name, "age": age})
+
+
+def make_review(rng):
+    positive = rng.random() < 0.5
+    phrase = rng.choice(V.POSITIVE if positive else V.NEGATIVE)
+    product = rng.choice(V.PRODUCTS)
+    forms = [f"This {product} {phrase}.", f"The {product} {phrase}!", f"I bought the {product} and it {phrase}.",
+             f"Honestly, this {product} {phrase}."]
+    return {"r": rng.choice(forms)}, "positive" if positive else "negative"
+
+
+def make_capital(rng):
+    country = rng.choice(sorted(V.COUNTRY_CAPITALS))
+    return {"c": country}, V.COUNTRY_CAPITALS[country]
+
+
+def make_n2w(rng):
+    n = rng.randint(0, 999) if rng.random() < 0.8 else rng.randint(0, 120)
+    return {"n": n}, V.number_to_words(n)
+
+
+DIGITS = " Answer with the number only."
+TASKS: list[Task] = [
+    Task("arith_add", True, "Adds two whole numbers and answers with their sum as digits only: "
+         "addition, plus, total, arithmetic word problems about adding.", make_add,
+         ["What is {a} + {b}?" + DIGITS, "Add {a} and {b}.", "Compute the sum of {a} and {b}.",
+          "{a} plus {b} equals what?", "Calculate {a} + {b}. Reply with digits only.",
+          "What do you get when you add {b} to {a}?", "Sum: {a} + {b} =", "Find the total of {a} and {b}."],
+         ["Please work out {a} + {b} and give just the result.", "If I have {a} and add {b}, how many do I have?",
+          "Tell me the sum {a}+{b}.", "Addition problem: {a} and {b}. What is the total?",
+          "{a} + {b} = ?"], tags=["math", "arithmetic"]),
+    Task("arith_mul", True, "Multiplies a number by a single digit and answers with the product as digits "
+         "only: multiplication, times, product.", make_mul,
+         ["What is {a} * {b}?" + DIGITS, "Multiply {a} by {b}.", "Compute the product of {a} and {b}.",
+          "{a} times {b} equals what?", "Calculate {a} x {b}. Reply with digits only.",
+          "What do you get when you multiply {a} by {b}?", "Product: {a} * {b} =", "Find {b} times {a}."],
+         ["Please work out {a} × {b} and give just the result.", "What is {b} groups of {a}?",
+          "Tell me the product {a}*{b}.", "Multiplication problem: {a} and {b}. What is the product?",
+          "{a} x {b} = ?"], tags=["math", "arithmetic"]),
+    Task("sort_numbers", True, "Sorts a list of integers in ascending order and answers as a "
+         "comma-separated list, e.g. 3, 8, 12.", make_sort,
+         ["Sort these numbers in ascending order: {nums}", "Arrange from smallest to largest: {nums}",
+          "Put these numbers in increasing order: {nums}", "Sort ascending: {nums}",
+          "Order the following from low to high: {nums}", "Can you sort {nums} from smallest to biggest?",
+          "List these in ascending order: {nums_sp}", "Sort the list [{nums}] in increasing order."],
+         ["Please rearrange {nums} so they go from least to greatest.", "Give me {nums_sp} sorted, smallest first.",
+          "Numbers: {nums}. Output them in ascending order.", "Order these values ascending: {nums}"],
+         tags=["numbers", "sorting", "lists"]),
+    Task("uppercase", True, "Rewrites a sentence in upper case (capital letters), keeping every word.", make_upper,
+         ["Convert to upper case: {s}", "Write this in capital letters: {s}", "Uppercase this sentence: {s}",
+          "Make every letter uppercase: {s}", "Rewrite in all caps: {s}", "Turn this into uppercase: {s}",
+          "Change the following text to upper case: {s}", "Capitalize every letter of: {s}"],
+         ["Please shout this sentence in capitals: {s}", "Transform \"{s}\" into all capital letters.",
+          "ALL CAPS version of: {s}", "Could you put this sentence in uppercase letters? {s}"],
+         tags=["text", "case"]),
+    Task("reverse_words", True, "Reverses the order of the words in a sentence, keeping each word and its "
+         "case unchanged.", make_reverse,
+         ["Reverse the order of the words: {s}", "Write these words in reverse order: {s}",
+          "Reverse the word order of this sentence: {s}", "Say this sentence backwards, word by word: {s}",
+          "Flip the order of the words in: {s}", "Put the words in reverse: {s}",
+          "Reverse words: {s}", "Output the words of this sentence from last to first: {s}"],
+         ["Please list the words of \"{s}\" starting from the last one.", "Read this sentence back to front by words: {s}",
+          "Invert the word sequence: {s}", "Give me the words of this sentence in the opposite order: {s}"],
+         tags=["text", "words"]),
+    Task("count_words", True, "Counts the words in a sentence and answers with the number as digits only.", make_count,
+         ["How many words are in this sentence? {s}", "Count the words: {s}", "Number of words in: {s}",
+          "Count how many words this has: {s}", "What is the word count of: {s}",
+          "Tell me how many words are in \"{s}\".", "Word count: {s}", "How many words does this text contain? {s}"],
+         ["Please count the words in the following sentence: {s}", "I wrote \"{s}\". How many words is that?",
+          "Determine the number of words: {s}", "Give the total number of words in this line: {s}"],
+         tags=["text", "counting"]),
+    Task("date_iso_to_us", True, "Converts a date from ISO format YYYY-MM-DD to US format MM/DD/YYYY.",
+         make_iso_to_us,
+         ["Convert {d} to MM/DD/YYYY format.", "Write the date {d} in US format.", "Change {d} to US date format.",
+          "Reformat the ISO date {d} as month/day/year.", "{d} in American date format is?",
+          "Convert this ISO date to US style: {d}", "Express {d} as MM/DD/YYYY.", "US format of {d}:"],
+         ["Please rewrite the date {d} the American way (month/day/year).",
+          "Turn {d} into a MM/DD/YYYY date.", "What is {d} written in U.S. notation?",
+          "Date conversion, ISO to US: {d}"], tags=["dates", "format"]),
+    Task("km_to_m", True, "Converts a distance in kilometres to metres and answers with an integer.", make_km,
+         ["Convert {km} km to meters.", "How many meters is {km} kilometers?", "{km} km in metres?",
+          "Express {km} kilometres in meters.", "Change {km} km into meters." + DIGITS,
+          "What is {km} kilometers in meters?", "Convert {km} kilometres to metres.", "{km} km = ? m"],
+         ["Please tell me how many metres are in {km} km.", "A road is {km} km long. How long is it in meters?",
+          "Distance conversion: {km} kilometers to meters.", "Give {km} km as a number of meters."],
+         tags=["units", "conversion", "math"]),
+    Task("json_person", True, "Extracts a person's name and age from a sentence and answers with JSON "
+         "{\"name\": ..., \"age\": ...}.", make_person,
+         ["Extract the name and age as JSON: {s}", "Return JSON with name and age from: {s}",
+          "Give a JSON object with the person's name and age. {s}", "Parse into JSON (name, age): {s}",
+          "From this sentence, output {{\"name\": ..., \"age\": ...}}: {s}", "JSON of name and age: {s}",
+          "Read the text and produce JSON containing name and age. Text: {s}",
+          "Pull out the person's name and age in JSON format: {s}"],
+         ["Please structure this as JSON with keys name and age: {s}",
+          "Make a JSON record (name, age) for the person described here: {s}",
+          "Information extraction to JSON, fields name and age. Input: {s}",
+          "I need the name and age from \"{s}\" as a JSON object."], json_answer=True,
+         tags=["extraction", "json"]),
+    Task("sentiment", True, "Classifies the sentiment of a product review as positive or negative.", make_review,
+         ["Is this review positive or negative? {r}", "Classify the sentiment: {r}",
+          "Sentiment of this review (positive/negative): {r}", "Review: {r} Sentiment:",
+          "Does this customer like the product? Answer positive or negative. {r}",
+          "Label the review as positive or negative: {r}", "What is the sentiment of: {r}",
+          "Positive or negative? {r}"],
+         ["Please tell me whether the following product review is positive or negative: {r}",
+          "A customer wrote: \"{r}\" Was that a positive or a negative review?",
+          "Determine the review's polarity (positive or negative): {r}",
+          "Rate the tone of this review as positive or negative. {r}"], case_insensitive=True,
+         tags=["classification", "reviews"]),
+    Task("capital_of", True, "Names the capital city of a country.", make_capital,
+         ["What is the capital of {c}?", "Name the capital city of {c}.", "Capital of {c}:",
+          "Which city is the capital of {c}?", "Tell me the capital of {c}.", "{c}'s capital is?",
+          "What city is {c}'s capital?", "Give the capital city of {c}."],
+         ["Please name the city that serves as the capital of {c}.", "In which city is the government of {c} seated?",
+          "Country: {c}. Capital?", "Do you know the capital of {c}? Just the city name."],
+         case_insensitive=True, tags=["geography", "facts"]),
+    Task("number_to_words", True, "Writes an integer in English words, e.g. 347 -> three hundred forty-seven.",
+         make_n2w,
+         ["Write {n} in words.", "Spell out the number {n}.", "How do you write {n} in English words?",
+          "Convert {n} to words.", "Write the number {n} using words.", "{n} in words is?",
+          "Express {n} in English words.", "Spell {n} as words."],
+         ["Please write out the number {n} in letters.", "Give me the English name of the number {n}.",
+          "Number to text: {n}", "How would you say {n} in words?"], case_insensitive=True,
+         tags=["numbers", "text"]),
+    # held-out: no expert of their own
+    Task("arith_sub", False, "Subtracts two whole numbers.", make_sub, [],
+         ["What is {a} - {b}? Answer with the number only.", "Subtract {b} from {a}.",
+          "Compute the difference {a} minus {b}.", "If I have {a} and take away {b}, how many remain?",
+          "{a} - {b} = ?"], tags=["math"]),
+    Task("max_of_list", False, "Finds the largest number in a list.", make_max, [],
+         ["What is the largest number in this list: {nums}?", "Find the maximum of {nums}.",
+          "Which is the biggest: {nums}?", "Give the highest value among {nums}. Answer with the number only."],
+         tags=["numbers"]),
+    Task("lowercase", False, "Rewrites a sentence in lower case.", make_lower, [],
+         ["Convert to lower case: {s}", "Write this in small letters: {s}", "Lowercase this sentence: {s}",
+          "Please rewrite \"{s}\" without any capital letters."], tags=["text"]),
+    Task("date_us_to_iso", False, "Converts a US date MM/DD/YYYY to ISO YYYY-MM-DD.", make_us_to_iso, [],
+         ["Convert {d} to YYYY-MM-DD format.", "Write the US date {d} in ISO format.",
+          "Change {d} to ISO 8601 date format.", "Please rewrite the date {d} as year-month-day (YYYY-MM-DD)."],
+         tags=["dates"]),
+]
+
+BY_NAME = {t.name: t for t in TASKS}
+HELD_IN = [t.name for t in TASKS if t.held_in]
+HELD_OUT = [t.name for t in TASKS if not t.held_in]
+
+
+def get_task(name: str) -> Task:
+    try:
+        return BY_NAME[name]
+    except KeyError:
+        raise KeyError(f"unknown task {name!r}; tasks are {sorted(BY_NAME)}") from None

@@ -1,0 +1,101 @@
+"""Word lists and small generators the tasks draw from."""
+
+from __future__ import annotations
+
+import random
+
+SUBJECTS = ["the cat", "my friend", "the teacher", "a small dog", "our neighbor", "the old man", "my sister",
+            "the children", "a young girl", "the farmer", "his brother", "the doctor", "every student",
+            "the baker", "her mother", "the pilot", "a tall woman", "the king", "my uncle", "the team"]
+VERBS = ["likes", "sees", "finds", "carries", "paints", "buys", "cleans", "opens", "reads", "watches",
+         "needs", "wants", "moves", "fixes", "brings", "builds", "draws", "sells", "holds", "helps"]
+OBJECTS = ["the red ball", "a green apple", "the heavy box", "a new book", "the blue door", "an old map",
+           "the wooden chair", "a warm coat", "the big window", "a long letter", "the silver key",
+           "a fresh bread", "the broken clock", "a quiet song", "the small boat", "a yellow kite"]
+TAILS = ["every day", "in the morning", "at night", "near the river", "after school", "with great care",
+         "in the garden", "before dinner", "on sunday", "at the market", "very slowly", "in the rain"]
+COMMON_WORDS = ("time year people way day man thing woman life child world school state family student "
+                "group country problem hand part place case week company system program question work "
+                "number night point home water room mother area money story fact month lot right study "
+                "book eye job word business issue side kind head house service friend father power hour "
+                "game line end member law car city name team minute idea kid body back parent face level "
+                "office door health person art war history party result change morning reason research "
+                "girl guy moment air teacher force education foot boy age policy music market sense nation "
+                "plan college interest death experience effect class control field development role effort "
+                "rate heart drug show leader light voice wife police mind price report decision son view "
+                "green blue red quick happy small large bright quiet warm cold fast slow new old good").split()
+
+
+def sentence(rng: random.Random, lo: int, hi: int) -> str:
+    """A lower-case sentence of lo..hi words: a grammatical core, trimmed or padded."""
+    target = rng.randint(lo, hi)
+    words = f"{rng.choice(SUBJECTS)} {rng.choice(VERBS)} {rng.choice(OBJECTS)}".split()
+    if rng.random() < 0.6:
+        words += rng.choice(TAILS).split()
+    while len(words) < target:
+        words.append(rng.choice(COMMON_WORDS))
+    return " ".join(words[:target])
+
+
+def random_words(rng: random.Random, lo: int, hi: int) -> str:
+    return " ".join(rng.choice(COMMON_WORDS) for _ in range(rng.randint(lo, hi)))
+
+
+COUNTRY_CAPITALS = {
+    "France": "Paris", "Germany": "Berlin", "Italy": "Rome", "Spain": "Madrid", "Portugal": "Lisbon",
+    "Japan": "Tokyo", "China": "Beijing", "India": "New Delhi", "Russia": "Moscow", "Canada": "Ottawa",
+    "Mexico": "Mexico City", "Brazil": "Brasilia", "Argentina": "Buenos Aires", "Chile": "Santiago",
+    "Peru": "Lima", "Colombia": "Bogota", "Egypt": "Cairo", "Kenya": "Nairobi", "Nigeria": "Abuja",
+    "Ghana": "Accra", "Ethiopia": "Addis Ababa", "Morocco": "Rabat", "South Korea": "Seoul",
+    "Thailand": "Bangkok", "Vietnam": "Hanoi", "Indonesia": "Jakarta", "Philippines": "Manila",
+    "Australia": "Canberra", "New Zealand": "Wellington", "Ireland": "Dublin", "United Kingdom": "London",
+    "Norway": "Oslo", "Sweden": "Stockholm", "Finland": "Helsinki", "Denmark": "Copenhagen",
+    "Poland": "Warsaw", "Austria": "Vienna", "Switzerland": "Bern", "Belgium": "Brussels",
+    "Netherlands": "Amsterdam", "Greece": "Athens", "Turkey": "Ankara", "Iran": "Tehran", "Iraq": "Baghdad",
+    "Saudi Arabia": "Riyadh", "Israel": "Jerusalem", "Pakistan": "Islamabad", "Bangladesh": "Dhaka",
+    "Nepal": "Kathmandu", "Afghanistan": "Kabul", "Cuba": "Havana", "Jamaica": "Kingston",
+    "Venezuela": "Caracas", "Ukraine": "Kyiv", "Hungary": "Budapest", "Czech Republic": "Prague",
+    "Romania": "Bucharest", "Bulgaria": "Sofia", "Serbia": "Belgrade", "Croatia": "Zagreb",
+    "Iceland": "Reykjavik", "Malaysia": "Kuala Lumpur", "Singapore": "Singapore", "Uganda": "Kampala",
+    "Tanzania": "Dodoma", "Zimbabwe": "Harare", "Senegal": "Dakar", "Tunisia": "Tunis", "Algeria": "Algiers",
+    "Lebanon": "Beirut", "Jordan": "Amman", "Syria": "Damascus", "Qatar": "Doha", "Mongolia": "Ulaanbaatar",
+}
+
+FIRST_NAMES = ["Alice", "Bob", "Carlos", "Diana", "Emma", "Farid", "Grace", "Hiro", "Ines", "Jamal", "Kate",
+               "Liam", "Maria", "Noah", "Olga", "Priya", "Quinn", "Rosa", "Sam", "Tara", "Umar", "Vera",
+               "Wei", "Yusuf", "Zoe", "Anna", "Omar", "Lena", "Marco", "Nina"]
+LAST_NAMES = ["Smith", "Garcia", "Chen", "Muller", "Rossi", "Kim", "Novak", "Silva", "Khan", "Brown",
+              "Ito", "Dubois", "Larsen", "Okafor", "Petrov", "Lopez"]
+CITIES = ["Boston", "Lyon", "Osaka", "Lagos", "Toronto", "Madrid", "Seoul", "Denver", "Porto", "Cairo",
+          "Dublin", "Austin", "Krakow", "Perth"]
+JOBS = ["nurse", "engineer", "teacher", "chef", "pilot", "painter", "lawyer", "farmer", "writer",
+        "dentist", "plumber", "designer"]
+
+PRODUCTS = ["headphones", "blender", "phone case", "backpack", "coffee maker", "desk lamp", "keyboard",
+            "running shoes", "water bottle", "tent", "vacuum cleaner", "charger", "jacket", "novel",
+            "frying pan", "watch", "mattress", "toaster", "umbrella", "printer"]
+POSITIVE = ["works perfectly", "is absolutely fantastic", "exceeded my expectations", "is worth every penny",
+            "arrived quickly and works great", "is the best purchase I made this year", "feels sturdy and well made",
+            "does exactly what it promises", "is something I love", "is loved by my whole family", "is excellent quality",
+            "is something I would buy again", "is comfortable and reliable", "impressed me from day one"]
+NEGATIVE = ["broke after two days", "is a complete waste of money", "stopped working within a week",
+            "feels cheap and flimsy", "arrived damaged", "is the worst purchase I have made",
+            "does not work as described", "is something I regret buying", "is terrible quality", "went straight back to the store",
+            "was a huge disappointment", "fell apart quickly", "is noisy and unreliable", "never worked at all"]
+
+_ONES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven",
+         "twelve", "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen", "nineteen"]
+_TENS = ["", "", "twenty", "thirty", "forty", "fifty", "sixty", "seventy", "eighty", "ninety"]
+
+
+def number_to_words(n: int) -> str:
+    """0..999 in English words: 347 -> 'three hundred forty-seven'."""
+    if not 0 <= n <= 999:
+        raise ValueError(n)
+    if n < 20:
+        return _ONES[n]
+    if n < 100:
+        tens, ones = divmod(n, 10)
+        return _TENS[tens] + (f"-{_ONES[ones]}" if ones else "")
+    hundreds, rest = divmod(n, 100)
+    return f"{_ONES[hundreds]} hundred" + (f" {number_to_words(rest)}" if rest else "")

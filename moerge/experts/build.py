@@ -1,0 +1,123 @@
+"""`moerge experts build`: train the bundled library (one LoRA + gate per held-in task).
+
+Each expert lands in LIBRARY/<task>/ with adapter_config.json, adapter_model.safetensors
+(bf16), gate.safetensors and manifest.json; LIBRARY/library.json indexes them for
+`load_bundled`. Finished experts whose manifest matches the config are skipped, and an
+interrupted LoRA run resumes from its checkpoint, so the command can simply be run again.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from moerge.config import BASE_MODEL_ID
+from moerge.eval.tasks import HELD_IN, get_task
+from moerge.experts.gates import gates_to_bytes, train_gate
+from moerge.experts.lora import base_spec_from_folder, load_lora
+from moerge.experts.training import TrainConfig, accuracy, load_tokenizer, train_lora
+
+EVAL_SEED = 20261124     # evaluation paraphrases: never used for training or early stopping
+GATE_SEED = 7
+N_EVAL = 50
+
+# Budgets: the maximum number of steps; every run stops early once its dev accuracy (training
+# templates, separate seed) reaches 97%. Tasks that need computation get more steps.
+MAX_STEPS = {"arith_add": 300, "arith_mul": 300, "count_words": 300, "number_to_words": 250,
+             "sort_numbers": 250}
+DEFAULT_STEPS = 150
+
+
+def default_config(task: str) -> TrainConfig:
+    return TrainConfig(task=task, steps=MAX_STEPS.get(task, DEFAULT_STEPS))
+
+
+def _base_accuracy(base_dir: Path, tasks: list[str], cache: Path, log) -> dict[str, float]:
+    from transformers import AutoModelForCausalLM
+
+    known = json.loads(cache.read_text()) if cache.exists() else {}
+    todo = [t for t in tasks if t not in known]
+    if todo:
+        tok = load_tokenizer(base_dir)
+        model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
+        for t in todo:
+            known[t], _ = accuracy(t, model, tok, get_task(t).samples(N_EVAL, EVAL_SEED, "eval"))
+            log(f"base model on {t}: {known[t]:.0%}")
+        cache.write_text(json.dumps(known, indent=2, sort_keys=True) + "\n")
+    return known
+
+
+def _expert_accuracy(base_dir: Path, adapter_dir: Path, task: str) -> tuple[float, list[dict]]:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    tok = load_tokenizer(base_dir)
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    model = PeftModel.from_pretrained(model, adapter_dir).eval()
+    samples = get_task(task).samples(N_EVAL, EVAL_SEED, "eval")
+    acc, preds = accuracy(task, model, tok, samples)
+    shown = [{"prompt": s.prompt, "expected": s.answer, "got": p} for s, p in zip(samples[:8], preds[:8])]
+    return acc, shown
+
+
+def build_expert(base_dir: Path, task: str, out: Path, base_acc: float, log=print) -> dict:
+    cfg = default_config(task)
+    manifest_path = out / "manifest.json"
+    if manifest_path.exists() and (out / "gate.safetensors").exists():
+        manifest = json.loads(manifest_path.read_text())
+        if manifest.get("fingerprint") == cfg.fingerprint() and "accuracy" in manifest:
+            log(f"{task}: up to date, skipped")
+            return manifest
+    t0 = time.time()
+    manifest = train_lora(base_dir, cfg, out, base_model_id=BASE_MODEL_ID)
+    acc, shown = _expert_accuracy(base_dir, out, task)
+    spec = base_spec_from_folder(str(base_dir), BASE_MODEL_ID)
+    adapter = load_lora(out, spec)
+    t = get_task(task)
+    gate_samples = t.samples(400, GATE_SEED, "train")
+    gate = train_gate(base_dir, adapter, [s.prompt for s in gate_samples], [s.answer for s in gate_samples],
+                      seed=GATE_SEED)
+    (out / "gate.safetensors").write_bytes(gates_to_bytes(gate["gates"]))
+    manifest.update({
+        "accuracy": {"expert": acc, "base": base_acc, "n": N_EVAL, "eval_seed": EVAL_SEED,
+                     "eval_templates": t.eval_templates},
+        "examples_of_outputs": shown,
+        "gate": {"steps": len(gate["loss_curve"]), "lr": 5e-3, "batch_size": 8, "seed": GATE_SEED,
+                 "examples": len(gate_samples), "loss_curve": gate["loss_curve"]},
+        "build_seconds": round(time.time() - t0, 1),
+    })
+    manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
+    log(f"{task}: expert {acc:.0%} vs base {base_acc:.0%} on {N_EVAL} evaluation paraphrases "
+        f"({manifest['steps_run']} steps, {manifest['build_seconds']:.0f}s)")
+    return manifest
+
+
+def write_index(library: Path) -> None:
+    entries = []
+    for task in HELD_IN:
+        folder = library / task
+        if not (folder / "manifest.json").exists():
+            continue
+        t = get_task(task)
+        examples = [s.prompt for s in t.samples(5, 99, "train")]
+        entries.append({"name": task, "task": task, "description": t.description, "tags": t.tags,
+                        "examples": examples})
+    (library / "library.json").write_text(json.dumps({"base_model": BASE_MODEL_ID, "experts": entries},
+                                                     indent=2) + "\n")
+
+
+def build_library(base_dir: Path, library: Path, tasks: list[str] | None = None, log=print) -> list[dict]:
+    tasks = tasks or list(HELD_IN)
+    for t in tasks:
+        if not get_task(t).held_in:
+            raise ValueError(f"{t} is a held-out task: it gets no expert")
+    library.mkdir(parents=True, exist_ok=True)
+    base = _base_accuracy(base_dir, tasks, library / "base_accuracy.json", log)
+    manifests = []
+    for task in tasks:
+        manifests.append(build_expert(base_dir, task, library / task, base[task], log))
+        write_index(library)
+    return manifests

@@ -210,6 +210,52 @@ def experts_train_gate(
 
 @app.command()
 @_guard
+def route(prompt: str, method: str = typer.Option("glider-global", "--method", "-m"),
+          as_json: bool = typer.Option(False, "--json"), task: Optional[str] = typer.Option(None, "--task")) -> None:
+    """Show which experts a routing method picks for PROMPT."""
+    from moerge.router.base import make_router
+    ctx = _router_context()
+    decision = make_router(method, ctx).route(prompt, task=task)
+    data = decision.to_json()
+    if as_json:
+        print(json.dumps(data, indent=2))
+        return
+    table = Table("expert", "score", title=f"{method}: " + ("abstain (base model)" if decision.abstained
+                                                             else ", ".join(decision.chosen[:4])))
+    for e in data["experts"][:8]:
+        table.add_row(e["name"], f"{e['score']:.4f}")
+    console.print(table)
+    if decision.instruction:
+        console.print(f"instruction: {decision.instruction}")
+
+
+def _router_context():
+    from moerge.assets import ensure_base_model
+    from moerge.router.factory import build_context
+    s = get_settings()
+    pool = _pool()
+    if s.bundled_pool:
+        from moerge.experts.bundled import load_bundled
+        load_bundled(pool, progress=lambda m: err.print(m))
+    return build_context(pool, ensure_base_model(s))
+
+
+@app.command()
+@_guard
+def calibrate(out: Optional[Path] = typer.Option(None, "--out", help="default: the bundled calibration file")) -> None:
+    """Calibrate abstain thresholds on the out-of-domain set (calibration half) and in-domain prompts."""
+    from moerge.eval.tasks import out_of_domain_prompts
+    from moerge.router.calibrate import calibrate as run
+    from moerge.router.context import CALIBRATION_FILE
+    ctx = _router_context()
+    cal = run(ctx, out_of_domain_prompts())
+    cal.save(out or CALIBRATION_FILE)
+    for m, thr in cal.thresholds.items():
+        console.print(f"{m}: threshold {thr:.4f}  {cal.detail[m]}")
+
+
+@app.command()
+@_guard
 def serve(host: Optional[str] = typer.Option(None), port: Optional[int] = typer.Option(None),
           executor: Optional[str] = typer.Option(None, help="vllm | reference")) -> None:
     """Start the OpenAI-compatible service."""

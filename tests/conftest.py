@@ -74,5 +74,15 @@ def tiny_pool(tmp_path, tiny_spec, embedder):
     pool.close()
 
 
+@pytest.fixture(scope="session")
+def tiny_chat_base(tmp_path_factory, base_model_dir):
+    """A tiny random Llama with the real tokenizer and chat template (vocab 49152)."""
+    import shutil
+    folder = tiny_llama_folder(tmp_path_factory.mktemp("tinychat"), hidden=32, layers=2, vocab=49152)
+    for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        shutil.copy(base_model_dir / f, folder / f)
+    return folder
+
+
 def pytest_collection_modifyitems(config, items):
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -12,16 +10,6 @@ from moerge.experts import training
 from moerge.experts.gates import train_gate
 from moerge.experts.lora import base_spec_from_folder, load_lora
 from moerge.experts.training import TrainConfig, train_lora
-from tests.helpers import tiny_llama_folder
-
-
-@pytest.fixture(scope="module")
-def tiny_chat_base(tmp_path_factory, base_model_dir):
-    """A tiny random Llama with the real tokenizer and chat template (vocab 49152)."""
-    folder = tiny_llama_folder(tmp_path_factory.mktemp("tinychat"), hidden=32, layers=2, vocab=49152)
-    for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
-        shutil.copy(base_model_dir / f, folder / f)
-    return folder
 
 
 def _cfg(**kw):

@@ -1,0 +1,12 @@
+"""`base`: no expert, the base model alone."""
+
+from moerge.router.base import Router, RoutingDecision, register
+
+
+@register
+class BaseRouter(Router):
+    name = "base"
+    granularity = "none"
+
+    def route(self, query, *, task=None):
+        return RoutingDecision(method=self.name, granularity=self.granularity, abstained=True)

@@ -1,0 +1,63 @@
+"""Calibrate abstain thresholds of the sequence-level routers.
+
+For each method, the top score on out-of-domain prompts (which should abstain) and on
+in-domain prompts (which should route) are collected; the threshold is the middle of the
+interval that maximises balanced accuracy (mean of abstain rate on out-of-domain and keep
+rate on in-domain). Only the calibration half of the out-of-domain set is used (even
+lines); the other half stays unseen for evaluation.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from moerge.router.base import make_router
+from moerge.router.context import Calibration
+
+SEQUENCE_METHODS = ("embed", "retrieval", "glider-global")
+
+
+def ood_split(prompts: list[str], part: str) -> list[str]:
+    """'calibration' = even positions, 'evaluation' = odd positions."""
+    return prompts[0::2] if part == "calibration" else prompts[1::2]
+
+
+def best_threshold(in_scores: list[float], out_scores: list[float]) -> tuple[float, float]:
+    """(threshold, balanced accuracy): route when top score >= threshold."""
+    cands = sorted(set(in_scores) | set(out_scores))
+    cuts = [cands[0] - 1e-6] + [(a + b) / 2 for a, b in zip(cands, cands[1:])] + [cands[-1] + 1e-6]
+    ins, outs = np.array(in_scores), np.array(out_scores)
+    accs = [0.5 * ((ins >= c).mean() + (outs < c).mean()) for c in cuts]
+    best = max(accs)
+    good = [c for c, a in zip(cuts, accs) if a >= best - 1e-12]
+    return float((good[0] + good[-1]) / 2), float(best)
+
+
+def in_domain_prompts(pool, per_expert: int = 12) -> list[str]:
+    """Fresh prompts for each expert: generated from its task's training templates when the
+    expert names a known task, else its stored example prompts."""
+    from moerge.eval.tasks import BY_NAME
+    out = []
+    for card in pool.list():
+        task = (card.extra or {}).get("task")
+        if task in BY_NAME and BY_NAME[task].held_in:
+            out += [s.prompt for s in BY_NAME[task].samples(per_expert, 777, "train")]
+        else:
+            out += card.examples[:per_expert]
+    return out
+
+
+def calibrate(ctx, ood_prompts: list[str], methods=SEQUENCE_METHODS) -> Calibration:
+    cal = Calibration(thresholds={}, detail={})
+    in_prompts = in_domain_prompts(ctx.pool)
+    out_prompts = ood_split(ood_prompts, "calibration")
+    for m in methods:
+        router = make_router(m, ctx, use_calibration=False)
+        ins = [router.route(q).experts[0].score for q in in_prompts]
+        outs = [router.route(q).experts[0].score for q in out_prompts]
+        thr, bal = best_threshold(ins, outs)
+        cal.thresholds[m] = round(thr, 6)
+        cal.detail[m] = {"balanced_accuracy": round(bal, 4), "n_in": len(ins), "n_out": len(outs),
+                         "in_route_rate": round(float(np.mean(np.array(ins) >= thr)), 4),
+                         "out_abstain_rate": round(float(np.mean(np.array(outs) < thr)), 4)}
+    return cal

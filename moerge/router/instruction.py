@@ -1,0 +1,74 @@
+"""GLIDER's global step: an instruct LLM writes a one-sentence task instruction for a query.
+
+Greedy decoding (deterministic), cached by normalised query in an LRU. The LLM is the base
+model: the instruction names the *kind* of task ("Add two numbers."), which is what expert
+cards describe, instead of the particulars of the query.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+
+import torch
+
+SYSTEM = ("You describe tasks. Given a user request, reply with one short sentence saying what kind of "
+          "task it is, as an instruction. Do not answer the request.")
+FEW_SHOT = [
+    ("Translate 'good morning' into Spanish.", "Translate a phrase from English into Spanish."),
+    ("Is the following email spam? 'You won a prize, click here'", "Classify an email as spam or not spam."),
+    ("What is the boiling point of water in Fahrenheit?", "Answer a factual science question."),
+]
+
+
+def normalise_query(q: str) -> str:
+    return " ".join(q.lower().split())
+
+
+class InstructionWriter:
+    def __init__(self, model, tokenizer, max_new_tokens: int = 24, cache_size: int = 4096):
+        self.model = model
+        self.tok = tokenizer
+        self.max_new_tokens = max_new_tokens
+        self._cache: OrderedDict[str, str] = OrderedDict()
+        self.cache_size = cache_size
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+
+    def _messages(self, query: str) -> list[dict]:
+        msgs = [{"role": "system", "content": SYSTEM}]
+        for q, a in FEW_SHOT:
+            msgs += [{"role": "user", "content": f"Request: {q}"}, {"role": "assistant", "content": a}]
+        msgs.append({"role": "user", "content": f"Request: {query}"})
+        return msgs
+
+    @torch.inference_mode()
+    def _generate(self, query: str) -> str:
+        ids = self.tok.apply_chat_template(self._messages(query), add_generation_prompt=True, tokenize=True,
+                                           return_dict=True, return_tensors="pt")
+        im_end = self.tok.convert_tokens_to_ids("<|im_end|>")
+        out = self.model.generate(**ids, max_new_tokens=self.max_new_tokens, do_sample=False,
+                                  eos_token_id=[im_end, self.tok.eos_token_id], pad_token_id=self.tok.pad_token_id)
+        text = self.tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+        return text.split("\n")[0].strip()
+
+    def write(self, query: str) -> tuple[str, bool]:
+        """(instruction, was_cached)."""
+        key = normalise_query(query)
+        with self._lock:
+            if key in self._cache:
+                self._cache.move_to_end(key)
+                self.hits += 1
+                return self._cache[key], True
+        text = self._generate(query)
+        with self._lock:
+            self.misses += 1
+            self._cache[key] = text
+            if len(self._cache) > self.cache_size:
+                self._cache.popitem(last=False)
+        return text, False
+
+    def clear(self) -> None:
+        with self._lock:
+            self._cache.clear()

@@ -1,0 +1,157 @@
+"""The routed reference engine: equivalences with merged weights, and batch independence."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from moerge.executors.base import SamplingParams
+from moerge.executors.routed import RoutedEngine
+from moerge.experts.lora import base_spec_from_folder, load_lora
+from moerge.experts.pool import ExpertPool
+from moerge.router.base import RoutingDecision
+from moerge.router.merge import merge_cat, merge_linear, merge_ties
+from tests.helpers import make_lora
+
+NAMES = ["e0", "e1", "e2"]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, tiny_chat_base, embedder):
+    tmp = tmp_path_factory.mktemp("routed")
+    spec = base_spec_from_folder(str(tiny_chat_base), "tiny/llama")
+    pool = ExpertPool(tmp / "pool", f"sqlite:///{tmp}/r.sqlite", spec, embed=embedder.encode)
+    targets = [("q_proj", "v_proj", "up_proj", "down_proj"), ("q_proj", "o_proj"), ("gate_proj", "down_proj", "k_proj")]
+    for i, name in enumerate(NAMES):
+        ad = make_lora(tiny_chat_base, tmp / name, base_name="tiny/llama", r=2 + 2 * i, seed=10 + i,
+                       targets=targets[i], scale_b=0.3)
+        pool.register_lora(ad, name, f"expert {i}")
+    engine = RoutedEngine.from_folder(tiny_chat_base, pool)
+    adapters = {n: load_lora(pool.adapter_dir(pool.get(n)), spec) for n in NAMES}
+    return pool, engine, adapters, tiny_chat_base
+
+
+def _merged_model(base_dir, deltas: dict[str, torch.Tensor]):
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for module, d in deltas.items():
+            model.get_submodule(module).weight += d
+    return model
+
+
+def _logits_engine(engine, plan, ids):
+    engine.sync_experts()
+    engine.state.rows = [plan]
+    try:
+        with torch.inference_mode():
+            return engine.model(input_ids=ids).logits
+    finally:
+        engine.state.rows = []
+
+
+def _ids(base_dir):
+    tok = AutoTokenizer.from_pretrained(base_dir)
+    return torch.tensor([tok("route every token through the experts")["input_ids"]])
+
+
+def test_one_expert_weight_one_equals_adapter_merged_into_base(setup):
+    pool, engine, adapters, base = setup
+    ids = _ids(base)
+    plan = engine.row_plan(RoutingDecision("pinned", "sequence", chosen=["e1"]))
+    got = _logits_engine(engine, plan, ids)
+    ad = adapters["e1"]
+    want = _merged_model(base, {m: ad.delta(m) for m in ad.weights})(input_ids=ids).logits
+    assert torch.allclose(got, want, atol=2e-4), float((got - want).abs().max())
+    base_logits = _logits_engine(engine, engine.row_plan(None), ids)
+    assert (base_logits - want).abs().max() > 1e-2   # the adapter does change the output
+
+
+@pytest.mark.parametrize("method,fn", [("merge-cat", merge_cat), ("merge-linear", merge_linear),
+                                       ("merge-ties", merge_ties)])
+def test_static_merges_equal_explicit_merged_weights(setup, method, fn):
+    pool, engine, adapters, base = setup
+    ids = _ids(base)
+    got = _logits_engine(engine, engine.row_plan(RoutingDecision(method, "static", chosen=NAMES)), ids)
+    modules = sorted({m for ad in adapters.values() for m in ad.weights})
+    deltas = {m: fn([ad.delta(m) for ad in adapters.values() if m in ad.weights]) for m in modules}
+    if method == "merge-linear":  # the mean over all experts: a module one expert lacks counts as zero
+        deltas = {m: torch.stack([ad.delta(m) if m in ad.weights else torch.zeros_like(deltas[m])
+                                  for ad in adapters.values()]).mean(0) for m in modules}
+    want = _merged_model(base, deltas)(input_ids=ids).logits
+    assert torch.allclose(got, want, atol=2e-4), float((got - want).abs().max())
+
+
+def test_all_experts_equal_weights_equals_cat_merge_scaled(setup):
+    pool, engine, adapters, base = setup
+    ids = _ids(base)
+    from moerge.executors.routed_layer import RowPlan
+    w = 0.25
+    got = _logits_engine(engine, RowPlan("fixed", ids=[0, 1, 2], weights=[w] * 3), ids)
+    modules = sorted({m for ad in adapters.values() for m in ad.weights})
+    deltas = {m: w * merge_cat([ad.delta(m) for ad in adapters.values() if m in ad.weights]) for m in modules}
+    want = _merged_model(base, deltas)(input_ids=ids).logits
+    assert torch.allclose(got, want, atol=2e-4)
+
+
+class _Router:  # what the engine needs from a token-level router
+    def __init__(self, mode, top_k, tables):
+        self.mode, self.top_k, self.temperature, self.tables = mode, top_k, 1.0, tables
+
+    def module_gates(self, names):
+        from moerge.kernels.gating import standardise
+        mods = set().union(*(set(self.tables[n]) for n in names))
+        out = {}
+        for m in mods:
+            have = [i for i, n in enumerate(names) if m in self.tables[n]]
+            g = torch.stack([self.tables[names[i]][m] for i in have])
+            out[m] = (torch.tensor(have), standardise(g) if self.mode == "phatgoose" else g)
+        return out
+
+
+def _token_plan(engine, pool, mode="arrow", bias=None, top_k=2):
+    tables = {n: pool.artifact_tensors(pool.get(n), "arrow") for n in NAMES}
+    d = RoutingDecision(mode, "token", chosen=NAMES, bias=bias or {})
+    return engine.row_plan(d, _Router(mode, top_k, tables)), d
+
+
+def test_request_gets_same_tokens_alone_and_batched_with_adversarial_requests(setup):
+    pool, engine, adapters, base = setup
+    tok = engine.tok
+    params = SamplingParams(max_tokens=12, temperature=0.0)
+    victim = engine.encode_chat([{"role": "user", "content": "a request that routes per token"}])
+    plan, _ = _token_plan(engine, pool)
+    alone = engine.generate_batch([victim], [plan], params)[0]
+    # adversaries: very long prompts, repeated tokens, extreme biases towards one expert, pinned experts
+    hostile = [tok("zz " * 120)["input_ids"], tok("!!!!" * 40)["input_ids"], victim, [5] * 3]
+    hostile_plans = [_token_plan(engine, pool, bias={"e0": 1e4})[0],
+                     engine.row_plan(RoutingDecision("pinned", "sequence", chosen=["e2"])),
+                     _token_plan(engine, pool, mode="arrow", top_k=1)[0],
+                     engine.row_plan(RoutingDecision("merge-ties", "static", chosen=NAMES))]
+    plan2, _ = _token_plan(engine, pool)
+    batched = engine.generate_batch([hostile[0], victim, *hostile[1:]],
+                                    [hostile_plans[0], plan2, *hostile_plans[1:]], params)[1]
+    assert batched.tokens == alone.tokens
+    assert len(alone.tokens) > 0
+
+
+def test_token_routing_fills_per_layer_usage(setup):
+    pool, engine, adapters, base = setup
+    plan, decision = _token_plan(engine, pool)
+    prompt = engine.encode_chat([{"role": "user", "content": "hello"}])
+    res = engine.generate_batch([prompt], [plan], SamplingParams(max_tokens=4))[0]
+    assert set(res.layer_usage) == {0, 1}
+    for layer, shares in res.layer_usage.items():
+        assert abs(sum(shares.values()) - 1) < 1e-3 and set(shares) <= set(NAMES)
+
+
+def test_bias_towards_one_expert_routes_every_token_to_it(setup):
+    pool, engine, adapters, base = setup
+    plan, _ = _token_plan(engine, pool, bias={"e2": 1e3}, top_k=1)
+    prompt = engine.encode_chat([{"role": "user", "content": "hello"}])
+    res = engine.generate_batch([prompt], [plan], SamplingParams(max_tokens=3))[0]
+    # Per layer, 7 modules route tokens (the union of the experts' targets). e2 adapts k, gate and
+    # down: with a huge bias and top-1 it takes all their mass, and cannot be picked elsewhere.
+    assert set(res.layer_usage) == {0, 1}
+    for shares in res.layer_usage.values():
+        assert shares["e2"] == pytest.approx(3 / 7, abs=1e-3)

@@ -14,6 +14,7 @@ class SamplingParams:
     top_p: float = 1.0
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
+    ignore_eos: bool = False   # benchmarks: always generate max_tokens
 
 
 @dataclass

@@ -42,7 +42,8 @@ class RoutedEngine:
         self.expert_names: list[str] = []
         self._version = None
         self._dense_cache: dict[str, dict[str, torch.Tensor]] = {}
-        self._lock = threading.RLock()
+        self._lock = threading.RLock()       # expert tables
+        self._gen_lock = threading.Lock()    # one decode at a time (released from any thread)
         im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
         self.eos_ids = {i for i in (tokenizer.eos_token_id, im_end) if isinstance(i, int) and i >= 0}
         pool.on_change(lambda event, name: self._invalidate())
@@ -147,10 +148,19 @@ class RoutedEngine:
         out = self.tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
         return list(out["input_ids"])
 
-    @torch.inference_mode()
     def generate_batch(self, prompts: list[list[int]], plans: list[RowPlan], params: SamplingParams) -> list[RowResult]:
         """Greedy (or seeded sampling) decode of a batch; each row follows its own plan."""
-        with self._lock:
+        it = self.iter_batch(prompts, plans, params)
+        while True:
+            try:
+                next(it)
+            except StopIteration as stop:
+                return stop.value
+
+    def iter_batch(self, prompts: list[list[int]], plans: list[RowPlan], params: SamplingParams):
+        """Decode step by step: yields the list of (row, token) accepted at each step and
+        returns the RowResults. Holds the generation lock until exhausted or closed."""
+        with self._gen_lock:
             self.sync_experts()
             B = len(prompts)
             width = max(map(len, prompts))
@@ -162,7 +172,6 @@ class RoutedEngine:
                 mask[i, width - len(p):] = 1
             for p in plans:
                 p.usage = {}
-            self.state.rows = plans
             gens = [torch.Generator().manual_seed(params.seed if params.seed is not None else 0) for _ in range(B)]
             out_tokens: list[list[int]] = [[] for _ in range(B)]
             done = [False] * B
@@ -171,22 +180,27 @@ class RoutedEngine:
             step_ids = ids
             try:
                 for _ in range(params.max_tokens):
+                    self.state.rows = plans
                     pos = (mask.cumsum(-1) - 1).clamp(min=0)[:, -step_ids.shape[1]:]
-                    out = self.model(input_ids=step_ids, attention_mask=mask, position_ids=pos,
-                                     past_key_values=past, use_cache=True)
+                    with torch.inference_mode():
+                        out = self.model(input_ids=step_ids, attention_mask=mask, position_ids=pos,
+                                         past_key_values=past, use_cache=True)
+                    self.state.rows = []
                     past = out.past_key_values
                     logits = out.logits[:, -1].float()
-                    nxt = []
+                    nxt, accepted = [], []
                     for i in range(B):
                         tok = self._pick(logits[i], params, gens[i])
                         if not done[i]:
-                            if tok in self.eos_ids:
+                            if tok in self.eos_ids and not params.ignore_eos:
                                 done[i], finish[i] = True, "stop"
                             else:
                                 out_tokens[i].append(tok)
+                                accepted.append((i, tok))
                                 if params.stop and self._hit_stop(out_tokens[i], params.stop):
                                     done[i], finish[i] = True, "stop"
                         nxt.append(tok)
+                    yield accepted
                     if all(done):
                         break
                     step_ids = torch.tensor(nxt).unsqueeze(1)
@@ -195,10 +209,8 @@ class RoutedEngine:
                 self.state.rows = []
             results = []
             for i in range(B):
-                text = self.tok.decode(out_tokens[i], skip_special_tokens=True)
-                text = _cut_stop(text, params.stop)
-                results.append(RowResult(out_tokens[i], text, finish[i], len(prompts[i]),
-                                         self._usage(plans[i])))
+                text = _cut_stop(self.tok.decode(out_tokens[i], skip_special_tokens=True), params.stop)
+                results.append(RowResult(out_tokens[i], text, finish[i], len(prompts[i]), self._usage(plans[i])))
             return results
 
     def _usage(self, plan: RowPlan) -> dict[int, dict[str, float]]:

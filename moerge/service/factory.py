@@ -19,7 +19,10 @@ def build_runtime(settings: Settings, progress=print) -> Runtime:
         load_bundled(pool, progress=progress)
     if settings.executor == "reference":
         from moerge.executors.reference import ReferenceExecutor
-        executor = ReferenceExecutor(assets.base_model)
+        executor = ReferenceExecutor(assets.base_model, pool)
     else:
         raise ValueError(f"executor {settings.executor!r} is not available: use reference")
-    return Runtime(settings, pool, executor)
+    from moerge.router.factory import build_context
+    ctx = build_context(pool, assets.base_model, embedder_path=str(assets.embedder))
+    from moerge.executors.remote import RemoteModelExecutor
+    return Runtime(settings, pool, executor, router_ctx=ctx, remote=RemoteModelExecutor(pool))

@@ -254,6 +254,47 @@ def calibrate(out: Optional[Path] = typer.Option(None, "--out", help="default: t
         console.print(f"{m}: threshold {thr:.4f}  {cal.detail[m]}")
 
 
+@app.command("eval")
+@_guard
+def eval_cmd(
+    methods: Optional[list[str]] = typer.Option(None, "--methods", help="method labels (default: all)"),
+    tasks: Optional[list[str]] = typer.Option(None, "--tasks", help="tasks (default: held-in + held-out)"),
+    n: int = typer.Option(50, "--n", help="evaluation prompts per task"),
+    quick: bool = typer.Option(False, "--quick", help="n=6, no alpha sweep, no best-single search"),
+    out: Path = typer.Option(Path("runs/eval"), "--out"),
+    endpoint: Optional[str] = typer.Option(None, "--endpoint", help="score an OpenAI-compatible endpoint instead"),
+    model: str = typer.Option("auto", "--model", help="model name to send to --endpoint"),
+    api_key: str = typer.Option("none", "--api-key"),
+) -> None:
+    """Evaluate routing methods side by side (or an OpenAI-compatible endpoint)."""
+    from moerge.eval.tasks import HELD_IN, HELD_OUT, get_task
+    task_list = list(tasks) if tasks else HELD_IN + HELD_OUT
+    for t in task_list:
+        get_task(t)
+    if quick:
+        n = min(n, 6)
+    if endpoint:
+        from moerge.eval.endpoint import evaluate_endpoint
+        evaluate_endpoint(endpoint, model, task_list, n, out, api_key=api_key)
+        console.print(f"wrote {out / 'report.md'}")
+        return
+    from moerge.eval.harness import default_methods, evaluate
+    from moerge.eval.run import prepare
+    specs = default_methods(quick)
+    if methods:
+        known = {s.label: s for s in specs}
+        unknown = [m for m in methods if m not in known]
+        if unknown:
+            fail(f"unknown method(s) {unknown}: choose from {', '.join(known)}")
+        specs = [known[m] for m in methods]
+    pool, engine, ctx, namespace = prepare(get_settings())
+    report = evaluate(pool, engine, ctx, methods=specs, tasks=task_list, n=n, out=out,
+                      cache_path=out / "generations.sqlite", namespace=namespace, with_best_single=not quick)
+    from moerge.eval.report import results_table
+    console.print(results_table(report))
+    console.print(f"wrote {out / 'report.md'} and plots")
+
+
 @app.command()
 @_guard
 def serve(host: Optional[str] = typer.Option(None), port: Optional[int] = typer.Option(None),

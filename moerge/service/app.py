@@ -10,14 +10,18 @@ from collections.abc import Iterator
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel
 from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
 
 from moerge.config import Settings
 from moerge.executors.base import SamplingParams
 from moerge.experts.errors import ExpertError, UnknownExpertError
+from moerge.service.experts_api import build_router
+from moerge.service.ops import BodySizeLimit, KeyCheck, Metrics, RateLimiter
 from moerge.service.runtime import Runtime
-from moerge.service.schemas import ChatCompletionRequest, completion_id, now
+from moerge.service.schemas import ChatCompletionRequest, ChatMessage, completion_id, now
 
 log = logging.getLogger("moerge.service")
 
@@ -35,9 +39,40 @@ def _params(req: ChatCompletionRequest, settings: Settings) -> SamplingParams:
                           stop=list(req.stop or []), seed=req.seed)
 
 
+class RouteRequest(BaseModel):
+    model: str = "auto"
+    messages: list[ChatMessage]
+
+
 def create_app(runtime: Runtime) -> FastAPI:
     app = FastAPI(title="moerge", version="0.1.0")
     app.state.runtime = runtime
+    keys = KeyCheck(runtime.settings)
+    limiter = RateLimiter(runtime.settings.rate_limit_per_minute)
+    metrics = Metrics()
+    app.state.metrics = metrics
+    app.add_middleware(BodySizeLimit, limit=runtime.settings.max_request_bytes)
+
+    @app.middleware("http")
+    async def _observe(request: Request, call_next):
+        t0 = time.perf_counter()
+        response = await call_next(request)
+        path = request.scope.get("route").path if request.scope.get("route") else "unmatched"
+        metrics.requests.labels(path, str(response.status_code)).inc()
+        metrics.latency.labels(path).observe(time.perf_counter() - t0)
+        log.info(json.dumps({"event": "request", "method": request.method, "path": request.url.path,
+                             "status": response.status_code, "ms": round((time.perf_counter() - t0) * 1000, 2)}))
+        return response
+
+    def _caller(request: Request) -> str:
+        key = keys.user(request.headers.get("authorization"))
+        limiter.check(key)
+        return key
+
+    def _observe_plan(plan) -> None:
+        metrics.routing.labels(plan.method).observe(plan.decision.latency_ms / 1000)
+        for name in plan.decision.chosen[:16] if not plan.decision.abstained else ["(base)"]:
+            metrics.expert_use.labels(name).inc()
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError):
@@ -60,16 +95,32 @@ def create_app(runtime: Runtime) -> FastAPI:
         ready, detail = runtime.readiness()
         return JSONResponse({"ready": ready, **detail}, status_code=200 if ready else 503)
 
+    @app.get("/metrics")
+    async def prom():
+        return PlainTextResponse(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    app.include_router(build_router(runtime, keys))
+
+    @app.post("/v1/route")
+    async def route(req: RouteRequest, request: Request):
+        _caller(request)
+        plan = await run_in_threadpool(runtime.plan, req.model, [{"role": m.role, "content": m.text()}
+                                                                 for m in req.messages])
+        _observe_plan(plan)
+        return JSONResponse(plan.info(), headers=plan.headers())
+
     @app.get("/v1/models")
     async def models():
         data = [{"id": m, "object": "model", "created": 0, "owned_by": "moerge"} for m in runtime.model_ids()]
         return {"object": "list", "data": data}
 
     @app.post("/v1/chat/completions")
-    async def chat(req: ChatCompletionRequest):
+    async def chat(req: ChatCompletionRequest, request: Request):
+        _caller(request)
         params = _params(req, runtime.settings)
         messages = req.chat()
         plan = await run_in_threadpool(runtime.plan, req.model, messages)
+        _observe_plan(plan)
         headers = plan.headers()
         cid, created = completion_id(), now()
         if req.stream:
@@ -78,6 +129,9 @@ def create_app(runtime: Runtime) -> FastAPI:
         t0 = time.perf_counter()
         gen = await run_in_threadpool(runtime.generate, messages, params, plan)
         runtime.observe(plan, gen.prompt_tokens, gen.completion_tokens, time.perf_counter() - t0)
+        metrics.tokens.labels("prompt").inc(gen.prompt_tokens)
+        metrics.tokens.labels("completion").inc(gen.completion_tokens)
+        headers = plan.headers()  # a remote fallback may have changed the plan
         body = {
             "id": cid, "object": "chat.completion", "created": created, "model": req.model,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": gen.text},

@@ -1,0 +1,221 @@
+"""`moerge eval`: every routing method side by side on held-in and held-out tasks, with bounds
+(base, oracle, best single expert) and costs (routing latency, tokens/s, memory).
+
+Generation runs in the routed reference engine in small batches; every row carries its own
+plan, and routing never depends on the batch, so batching is only a speed-up. Generations
+are cached on disk by (library version, plan, prompt): an interrupted run resumes, and
+methods that make the same plan for a prompt share one generation.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from moerge.eval.cache import GenerationCache
+from moerge.eval.tasks import HELD_IN, HELD_OUT, get_task, out_of_domain_prompts
+from moerge.executors.base import SamplingParams
+from moerge.router.base import RoutingDecision, make_router
+from moerge.router.calibrate import ood_split
+
+EVAL_SEED = 20261124   # the same paraphrase samples the expert manifests report
+
+
+@dataclass
+class MethodSpec:
+    label: str
+    method: str
+    options: dict = field(default_factory=dict)
+
+
+def default_methods(quick: bool = False, alphas=(0.0, 3.0, 10.0, 100.0)) -> list[MethodSpec]:
+    specs = [MethodSpec(m, m) for m in ("base", "oracle", "merge-linear", "merge-ties", "merge-cat", "retrieval",
+                                        "embed", "glider-global", "arrow", "phatgoose", "glider")]
+    if not quick:
+        specs += [MethodSpec(f"glider α={a:g}", "glider", {"alpha": a}) for a in alphas]
+    return specs
+
+
+def plan_signature(d: RoutingDecision, router) -> str:
+    if d.abstained or not d.chosen:
+        return "base"
+    if d.granularity == "sequence":
+        return "fixed:" + ",".join(d.chosen)
+    if d.granularity == "static":
+        return d.method
+    bias = ",".join(f"{n}={d.bias.get(n, 0.0):.5f}" for n in d.chosen) if d.bias else ""
+    return f"token:{router.mode}:{router.role}:k={router.top_k}:t={router.temperature}:{','.join(d.chosen)}:{bias}"
+
+
+def max_tokens_for(task, tokenizer, samples) -> int:
+    return max(8, max(len(tokenizer(s.answer)["input_ids"]) for s in samples) + 6)
+
+
+class Evaluator:
+    def __init__(self, pool, engine, ctx, cache: GenerationCache, batch_size: int = 8):
+        self.pool, self.engine, self.ctx, self.cache = pool, engine, ctx, cache
+        self.batch_size = batch_size
+        self.expert_of_task = {(c.extra or {}).get("task"): c.name for c in pool.list() if c.kind == "lora"}
+
+    def generate(self, samples, decisions, router, max_tokens: int) -> list[dict]:
+        """One record per sample: text, tokens, seconds, layer_usage (cached by plan signature)."""
+        out: list[dict | None] = [None] * len(samples)
+        todo = []
+        for i, (s, d) in enumerate(zip(samples, decisions)):
+            key = self.cache.key(plan_signature(d, router), s.prompt, max_tokens)
+            hit = self.cache.get(key)
+            if hit is not None:
+                out[i] = hit
+            else:
+                todo.append((i, key))
+        params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
+        for j in range(0, len(todo), self.batch_size):
+            chunk = todo[j:j + self.batch_size]
+            prompts = [self.engine.encode_chat([{"role": "user", "content": samples[i].prompt}]) for i, _ in chunk]
+            plans = [self.engine.row_plan(decisions[i], router) for i, _ in chunk]
+            t0 = time.perf_counter()
+            results = self.engine.generate_batch(prompts, plans, params)
+            share = (time.perf_counter() - t0) / len(chunk)
+            fresh = {}
+            for (i, key), r in zip(chunk, results):
+                rec = {"text": r.text, "tokens": len(r.tokens), "seconds": share,
+                       "layer_usage": {str(k): v for k, v in r.layer_usage.items()}}
+                out[i] = fresh[key] = rec
+            self.cache.put_many(fresh)
+        return out  # type: ignore[return-value]
+
+    def run_method(self, spec: MethodSpec, tasks: list[str], n: int, bar) -> dict:
+        router = make_router(spec.method, self.ctx, **spec.options)
+        res = {"method": spec.method, "options": spec.options, "tasks": {}, "routing": {}}
+        lat, tokens, seconds = [], 0, 0.0
+        for task_name in tasks:
+            task = get_task(task_name)
+            samples = task.samples(n, EVAL_SEED, "eval")
+            decisions = []
+            for s in samples:
+                d = router.route(s.prompt, task=task_name)
+                lat.append(d.latency_ms)
+                decisions.append(d)
+            recs = self.generate(samples, decisions, router, max_tokens_for(task, self.engine.tok, samples))
+            correct = [task.score(r["text"], s.answer) for r, s in zip(recs, samples)]
+            tokens += sum(r["tokens"] for r in recs)
+            seconds += sum(r["seconds"] for r in recs)
+            entry = {"accuracy": sum(correct) / len(correct), "n": len(correct),
+                     "examples": [{"prompt": s.prompt, "expected": s.answer, "got": r["text"],
+                                   "chosen": d.chosen[:3]} for s, r, d in list(zip(samples, recs, decisions))[:3]]}
+            right = self.expert_of_task.get(task_name)
+            entry["chosen_counts"] = _chosen_counts(decisions)
+            if right and task.held_in:
+                if router.granularity == "sequence":
+                    entry["routing_top1"] = sum(bool(d.chosen) and d.chosen[0] == right for d in decisions) / len(decisions)
+                elif router.granularity == "token":
+                    entry["right_mass_per_layer"] = _right_mass(recs, right)
+                    entry["routing_top1"] = statistics.mean(entry["right_mass_per_layer"].values()) \
+                        if entry["right_mass_per_layer"] else 0.0
+            res["tasks"][task_name] = entry
+            bar.update(1)
+        res["routing_latency_ms"] = {"mean": statistics.mean(lat), "p50": _pct(lat, 50), "p99": _pct(lat, 99)}
+        res["tokens_per_second"] = tokens / seconds if seconds else None
+        _summarise(res, tasks)
+        return res
+
+    def best_single(self, tasks: list[str], n: int, bar) -> dict:
+        """Per held-out task, the best accuracy any one expert gets (and which)."""
+        from moerge.router.base import ExpertScore
+        res = {"method": "best-single", "tasks": {}}
+        experts = [c.name for c in self.pool.list() if c.kind == "lora"]
+        for task_name in [t for t in tasks if t in HELD_OUT]:
+            task = get_task(task_name)
+            samples = task.samples(n, EVAL_SEED, "eval")
+            best = (-1.0, None)
+            per_expert = {}
+            for e in experts:
+                d = RoutingDecision("pinned", "sequence", experts=[ExpertScore(e, 1.0)], chosen=[e])
+                recs = self.generate(samples, [d] * len(samples), None, max_tokens_for(task, self.engine.tok, samples))
+                acc = sum(task.score(r["text"], s.answer) for r, s in zip(recs, samples)) / len(samples)
+                per_expert[e] = acc
+                best = max(best, (acc, e), key=lambda x: x[0])
+            res["tasks"][task_name] = {"accuracy": best[0], "expert": best[1], "per_expert": per_expert, "n": n}
+            bar.update(1)
+        _summarise(res, [t for t in tasks if t in HELD_OUT])
+        return res
+
+    def out_of_domain(self, specs: list[MethodSpec]) -> dict:
+        prompts = out_of_domain_prompts()
+        held_back = ood_split(prompts, "evaluation")
+        out = {}
+        for spec in specs:
+            router = make_router(spec.method, self.ctx, **spec.options)
+            if spec.method in ("oracle",) or router.granularity in ("static", "none"):
+                continue
+            full = [router.route(p).abstained for p in prompts]
+            unseen = [router.route(p).abstained for p in held_back]
+            out[spec.label] = {"abstain_rate": sum(full) / len(full), "abstain_rate_unseen_half": sum(unseen) / len(unseen),
+                               "n": len(full)}
+        return out
+
+
+def _chosen_counts(decisions) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for d in decisions:
+        key = d.chosen[0] if d.chosen and d.granularity == "sequence" else ("(base)" if not d.chosen else "(mixture)")
+        counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
+def _right_mass(recs, right: str) -> dict[str, float]:
+    per_layer: dict[str, list[float]] = {}
+    for r in recs:
+        for layer, shares in r.get("layer_usage", {}).items():
+            per_layer.setdefault(layer, []).append(shares.get(right, 0.0))
+    return {k: statistics.mean(v) for k, v in sorted(per_layer.items(), key=lambda kv: int(kv[0]))}
+
+
+def _pct(xs, q):
+    if not xs:
+        return 0.0
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(q / 100 * (len(xs) - 1))))]
+
+
+def _summarise(res: dict, tasks: list[str]) -> None:
+    accs = {t: v["accuracy"] for t, v in res["tasks"].items()}
+    hi = [accs[t] for t in tasks if t in HELD_IN and t in accs]
+    ho = [accs[t] for t in tasks if t in HELD_OUT and t in accs]
+    res["held_in"] = statistics.mean(hi) if hi else None
+    res["held_out"] = statistics.mean(ho) if ho else None
+    top1 = [v["routing_top1"] for v in res["tasks"].values() if "routing_top1" in v]
+    res["routing_top1_held_in"] = statistics.mean(top1) if top1 else None
+
+
+def evaluate(pool, engine, ctx, *, methods: list[MethodSpec], tasks: list[str], n: int, out: Path,
+             cache_path: Path, namespace: str, with_best_single: bool = True) -> dict:
+    out.mkdir(parents=True, exist_ok=True)
+    cache = GenerationCache(cache_path, namespace)
+    ev = Evaluator(pool, engine, ctx, cache)
+    t0 = time.time()
+    steps = len(methods) * len(tasks) + (len([t for t in tasks if t in HELD_OUT]) if with_best_single else 0)
+    report = {"config": {"n": n, "tasks": tasks, "methods": [m.label for m in methods], "eval_seed": EVAL_SEED,
+                         "experts": [c.name for c in pool.list()]}, "methods": {}}
+    with tqdm(total=steps, desc="eval", mininterval=2) as bar:
+        for spec in methods:
+            bar.set_postfix_str(spec.label)
+            report["methods"][spec.label] = ev.run_method(spec, tasks, n, bar)
+            (out / "report.json").write_text(json.dumps(report, indent=2))
+        if with_best_single:
+            report["methods"]["best-single"] = ev.best_single(tasks, n, bar)
+    report["out_of_domain"] = ev.out_of_domain(methods)
+    report["cost"] = {"wall_seconds": round(time.time() - t0, 1), "cache_hits": cache.hits,
+                      "cache_misses": cache.misses,
+                      "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    from moerge.eval.report import write_report
+    write_report(report, out)
+    cache.close()
+    return report

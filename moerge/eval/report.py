@@ -1,0 +1,131 @@
+"""Write report.md and the PNG plots from an evaluation's report.json."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from moerge.eval.tasks import HELD_IN, HELD_OUT  # noqa: E402
+
+
+def _fmt(v, pct=True) -> str:
+    if v is None:
+        return "–"
+    return f"{100 * v:.1f}" if pct else f"{v:.1f}"
+
+
+def results_table(report: dict) -> str:
+    ood = report.get("out_of_domain", {})
+    lines = ["| method | held-in | held-out | routing top-1 (held-in) | OOD abstain | routing ms (p50) | tokens/s |",
+             "|---|---|---|---|---|---|---|"]
+    for label, r in report["methods"].items():
+        lat = r.get("routing_latency_ms", {}).get("p50")
+        lines.append(f"| {label} | {_fmt(r.get('held_in'))} | {_fmt(r.get('held_out'))} | "
+                     f"{_fmt(r.get('routing_top1_held_in'))} | {_fmt(ood.get(label, {}).get('abstain_rate'))} | "
+                     f"{_fmt(lat, pct=False)} | {_fmt(r.get('tokens_per_second'), pct=False)} |")
+    return "\n".join(lines)
+
+
+def per_task_table(report: dict) -> str:
+    tasks = report["config"]["tasks"]
+    head = "| method | " + " | ".join(tasks) + " |"
+    lines = [head, "|" + "---|" * (len(tasks) + 1)]
+    for label, r in report["methods"].items():
+        cells = [_fmt(r["tasks"].get(t, {}).get("accuracy")) for t in tasks]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_report(report: dict, out: Path) -> None:
+    out = Path(out)
+    plots = [plot_held_in_vs_out(report, out / "held_in_vs_held_out.png"),
+             plot_routing_heatmap(report, out / "routing_heatmap.png"),
+             plot_layer_mass(report, out / "layer_routing_mass.png")]
+    cost = report.get("cost", {})
+    md = [f"# moerge evaluation\n",
+          f"n = {report['config']['n']} evaluation paraphrases per task (seed {report['config']['eval_seed']}); "
+          f"wall time {cost.get('wall_seconds', '?')} s; peak RSS {cost.get('peak_rss_mb', '?')} MB; "
+          f"generation cache hits {cost.get('cache_hits', '?')}, misses {cost.get('cache_misses', '?')}.\n",
+          "Accuracy in %. Routing top-1: share of held-in prompts whose own expert is chosen first "
+          "(sequence methods), or mean share of routing mass on the own expert over layers (token methods). "
+          "OOD abstain: share of the out-of-domain prompts routed to no expert.\n",
+          "## Summary\n", results_table(report), "\n## Per task\n", per_task_table(report)]
+    bs = report["methods"].get("best-single", {}).get("tasks", {})
+    if bs:
+        md += ["\n## Best single expert per held-out task\n", "| task | expert | accuracy |", "|---|---|---|"]
+        md += [f"| {t} | {v['expert']} | {_fmt(v['accuracy'])} |" for t, v in bs.items()]
+    md += ["\n## Plots\n"] + [f"![{p.stem}]({p.name})" for p in plots if p is not None]
+    (out / "report.md").write_text("\n".join(md) + "\n")
+
+
+def plot_held_in_vs_out(report: dict, path: Path):
+    pts = [(k, r.get("held_in"), r.get("held_out")) for k, r in report["methods"].items()]
+    pts = [(k, a, b) for k, a, b in pts if a is not None and b is not None]
+    if not pts:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 5))
+    for k, a, b in pts:
+        ax.scatter(100 * a, 100 * b, s=40)
+        ax.annotate(k, (100 * a, 100 * b), fontsize=8, xytext=(4, 2), textcoords="offset points")
+    ax.set_xlabel("held-in accuracy (%)")
+    ax.set_ylabel("held-out accuracy (%)")
+    ax.set_title("Routing methods: held-in vs held-out")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_routing_heatmap(report: dict, path: Path):
+    methods = [k for k in ("embed", "retrieval", "glider-global") if k in report["methods"]]
+    if not methods:
+        return None
+    experts = sorted({e for k in methods for t in report["methods"][k]["tasks"].values() for e in t["chosen_counts"]})
+    tasks = [t for t in report["config"]["tasks"] if t in HELD_IN + HELD_OUT]
+    fig, axes = plt.subplots(1, len(methods), figsize=(6 * len(methods), 6), squeeze=False)
+    for ax, k in zip(axes[0], methods):
+        m = np.zeros((len(tasks), len(experts)))
+        for i, t in enumerate(tasks):
+            counts = report["methods"][k]["tasks"].get(t, {}).get("chosen_counts", {})
+            total = sum(counts.values()) or 1
+            for j, e in enumerate(experts):
+                m[i, j] = counts.get(e, 0) / total
+        ax.imshow(m, cmap="viridis", vmin=0, vmax=1, aspect="auto")
+        ax.set_xticks(range(len(experts)), experts, rotation=90, fontsize=7)
+        ax.set_yticks(range(len(tasks)), tasks, fontsize=7)
+        ax.set_title(f"{k}: task → chosen expert")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_layer_mass(report: dict, path: Path):
+    series = {}
+    for k, r in report["methods"].items():
+        per_layer: dict[int, list[float]] = {}
+        for t, v in r["tasks"].items():
+            for layer, mass in v.get("right_mass_per_layer", {}).items():
+                per_layer.setdefault(int(layer), []).append(mass)
+        if per_layer:
+            series[k] = sorted((layer, float(np.mean(v))) for layer, v in per_layer.items())
+    if not series:
+        return None
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for k, pts in series.items():
+        ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], marker="o", ms=3, label=k)
+    ax.set_xlabel("layer")
+    ax.set_ylabel("routing mass on the task's own expert (%)")
+    ax.set_title("Token-level routing on held-in tasks, per layer")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -1,0 +1,147 @@
+"""Operations: API keys, a per-key rate limit, a request size limit, Prometheus metrics."""
+
+from __future__ import annotations
+
+import hmac
+import threading
+import time
+from collections import defaultdict
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from moerge.config import Settings
+from moerge.experts.errors import ExpertError
+
+
+class AuthError(ExpertError):
+    status = 401
+
+
+class ForbiddenError(ExpertError):
+    status = 403
+
+
+class RateLimitedError(ExpertError):
+    status = 429
+
+
+def _same(a: str, b: str) -> bool:
+    return hmac.compare_digest(a.encode(), b.encode())
+
+
+class KeyCheck:
+    """Admin key for expert changes, user keys for chat. With no keys configured, all is open."""
+
+    def __init__(self, settings: Settings):
+        self.admin = settings.admin_key
+        self.users = list(settings.api_keys)
+
+    @staticmethod
+    def bearer(header: str | None) -> str | None:
+        if not header:
+            return None
+        scheme, _, token = header.partition(" ")
+        return token.strip() if scheme.lower() == "bearer" and token.strip() else None
+
+    def user(self, header: str | None) -> str:
+        """Who is calling a chat endpoint (the key, or 'anonymous' when chat is open)."""
+        key = self.bearer(header)
+        if not self.users and not self.admin:
+            return key or "anonymous"
+        if key is None:
+            raise AuthError("missing API key: send 'Authorization: Bearer <key>'")
+        if any(_same(key, k) for k in self.users) or (self.admin and _same(key, self.admin)):
+            return key
+        if not self.users:
+            return key or "anonymous"    # only an admin key is set: chat stays open
+        raise AuthError("invalid API key")
+
+    def admin_call(self, header: str | None) -> None:
+        if not self.admin:
+            return
+        key = self.bearer(header)
+        if key is None:
+            raise AuthError("missing admin key: send 'Authorization: Bearer <admin key>'")
+        if _same(key, self.admin):
+            return
+        if any(_same(key, k) for k in self.users):
+            raise ForbiddenError("this key may chat but not change experts: use the admin key")
+        raise AuthError("invalid API key")
+
+
+class RateLimiter:
+    """Sliding one-minute window per key; 0 = unlimited."""
+
+    def __init__(self, per_minute: int):
+        self.per_minute = per_minute
+        self._hits: dict[str, list[float]] = defaultdict(list)
+        self._lock = threading.Lock()
+
+    def check(self, key: str) -> None:
+        if self.per_minute <= 0:
+            return
+        now = time.monotonic()
+        with self._lock:
+            hits = [t for t in self._hits[key] if now - t < 60.0]
+            if len(hits) >= self.per_minute:
+                self._hits[key] = hits
+                raise RateLimitedError(f"rate limit of {self.per_minute} requests per minute reached: "
+                                       f"retry in {60 - (now - hits[0]):.0f} s")
+            hits.append(now)
+            self._hits[key] = hits
+
+
+class BodySizeLimit:
+    """ASGI middleware: refuse bodies over `limit` bytes with 413, by header or while streaming."""
+
+    def __init__(self, app: ASGIApp, limit: int):
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        for name, value in scope.get("headers", []):
+            if name == b"content-length" and value.isdigit() and int(value) > self.limit:
+                return await _too_large(send, self.limit)
+        seen = 0
+
+        async def limited_receive():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    raise _BodyTooLarge()
+            return message
+
+        try:
+            await self.app(scope, limited_receive, send)
+        except _BodyTooLarge:
+            await _too_large(send, self.limit)
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+async def _too_large(send: Send, limit: int) -> None:
+    import json
+    body = json.dumps({"error": {"message": f"request body over the limit of {limit} bytes",
+                                 "type": "invalid_request_error", "param": None, "code": "413"}}).encode()
+    await send({"type": "http.response.start", "status": 413,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
+class Metrics:
+    def __init__(self):
+        self.registry = CollectorRegistry()
+        self.requests = Counter("moerge_requests_total", "HTTP requests", ["path", "status"], registry=self.registry)
+        self.latency = Histogram("moerge_request_seconds", "request latency", ["path"], registry=self.registry)
+        self.routing = Histogram("moerge_routing_seconds", "routing latency", ["method"], registry=self.registry,
+                                 buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5))
+        self.tokens = Counter("moerge_tokens_total", "tokens", ["kind"], registry=self.registry)
+        self.expert_use = Counter("moerge_expert_requests_total", "requests served per expert", ["expert"],
+                                  registry=self.registry)

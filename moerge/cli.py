@@ -297,6 +297,38 @@ def eval_cmd(
 
 @app.command()
 @_guard
+def chat(prompt: str, model: str = typer.Option("auto", "--model", "-m", help="auto | base | moerge:<method> | expert"),
+         max_tokens: int = typer.Option(128, "--max-tokens"), url: Optional[str] = typer.Option(
+             None, "--url", help="a running moerge server (default: answer in this process)"),
+         api_key: str = typer.Option("none", "--api-key"), as_json: bool = typer.Option(False, "--json")) -> None:
+    """Answer PROMPT and show the routing decision."""
+    messages = [{"role": "user", "content": prompt}]
+    if url:
+        import httpx
+        r = httpx.post(url.rstrip("/") + "/v1/chat/completions", timeout=600,
+                       headers={"Authorization": f"Bearer {api_key}"},
+                       json={"model": model, "messages": messages, "max_tokens": max_tokens, "temperature": 0})
+        if r.status_code != 200:
+            fail(f"{r.status_code}: {r.json().get('error', {}).get('message', r.text)}")
+        body = r.json()
+        text, info = body["choices"][0]["message"]["content"], body.get("moerge", {})
+    else:
+        from moerge.executors.base import SamplingParams
+        from moerge.service.factory import build_runtime
+        runtime = build_runtime(get_settings(), progress=lambda m: err.print(m))
+        plan = runtime.plan(model, messages)
+        text = runtime.generate(messages, SamplingParams(max_tokens=max_tokens, temperature=0.0), plan).text
+        info = plan.info()
+    if as_json:
+        print(json.dumps({"answer": text, "moerge": info}, indent=2))
+        return
+    console.print(text)
+    chosen = ", ".join(info.get("chosen") or []) or "base model"
+    err.print(f"[dim]routing: {info.get('method')} -> {chosen} ({info.get('routing_ms', 0):.1f} ms)[/]")
+
+
+@app.command()
+@_guard
 def serve(host: Optional[str] = typer.Option(None), port: Optional[int] = typer.Option(None),
           executor: Optional[str] = typer.Option(None, help="vllm | reference")) -> None:
     """Start the OpenAI-compatible service."""

@@ -46,7 +46,10 @@ class Settings(BaseSettings):
 
     host: str = "127.0.0.1"
     port: int = 8000
-    executor: str = Field(default="reference", description="vllm | reference")
+    executor: str = Field(default="vllm", description="vllm | reference")
+    vllm_max_loras: int = Field(default=12, description="adapters in one vLLM batch")
+    vllm_max_lora_rank: int = Field(default=16, description="largest adapter rank vLLM serves")
+    vllm_dtype: str = "bfloat16"
     routing_method: str = Field(default="glider-global", description="method used for model=auto")
     max_new_tokens_limit: int = 1024
     max_request_bytes: int = 32 * 1024 * 1024

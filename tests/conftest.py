@@ -29,7 +29,7 @@ def real_settings(tmp_path_factory):
     shared = Settings(home=home, bundled_pool=False)
     ensure_base_model(shared)
     pool_dir = tmp_path_factory.mktemp("pool")
-    return Settings(home=home, pool_dir=pool_dir, bundled_pool=False)
+    return Settings(home=home, pool_dir=pool_dir, bundled_pool=False, executor="reference")
 
 
 @pytest.fixture(scope="session")

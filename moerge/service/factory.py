@@ -17,11 +17,16 @@ def build_runtime(settings: Settings, progress=print) -> Runtime:
     if settings.bundled_pool:
         from moerge.experts.bundled import load_bundled
         load_bundled(pool, progress=progress)
+    from moerge.executors.reference import ReferenceExecutor
+    reference = ReferenceExecutor(assets.base_model, pool)
     if settings.executor == "reference":
-        from moerge.executors.reference import ReferenceExecutor
-        executor = ReferenceExecutor(assets.base_model, pool)
+        executor = reference
+    elif settings.executor == "vllm":
+        from moerge.executors.vllm_engine import VllmExecutor
+        executor = VllmExecutor(assets.base_model, pool, fallback=reference, max_loras=settings.vllm_max_loras,
+                                max_lora_rank=settings.vllm_max_lora_rank, dtype=settings.vllm_dtype)
     else:
-        raise ValueError(f"executor {settings.executor!r} is not available: use reference")
+        raise ValueError(f"executor {settings.executor!r} is not available: use vllm or reference")
     from moerge.router.factory import build_context
     ctx = build_context(pool, assets.base_model, embedder_path=str(assets.embedder))
     from moerge.executors.remote import RemoteModelExecutor

@@ -1,0 +1,191 @@
+"""vLLM executor: one AsyncLLM engine with LoRA enabled, started once in the background.
+
+Base plans and single-adapter plans become vLLM requests (adapters are LoRARequests, loaded
+on first use, so an expert registered at run time is usable at once), and requests for
+different experts share a batch. Plans vLLM cannot run (token-level mixtures, TIES, an
+adapter above the engine's max rank) and requests that arrive before the engine is ready
+go to the reference executor; the routing info says which executor answered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import queue
+import threading
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+from moerge.executors.base import Generation, SamplingParams, StreamDelta
+
+log = logging.getLogger("moerge.vllm")
+
+
+class VllmExecutor:
+    name = "vllm"
+
+    def __init__(self, model_dir: Path, pool, fallback=None, *, max_loras: int = 12, max_lora_rank: int = 16,
+                 max_num_seqs: int = 64, dtype: str = "bfloat16", kv_cache_gib: int = 2, max_model_len: int = 2048,
+                 start: bool = True):
+        self.model_dir = Path(model_dir)
+        self.pool = pool
+        self.fallback = fallback
+        self.max_lora_rank = max_lora_rank
+        self.engine_kwargs = dict(model=str(self.model_dir), tokenizer=str(self.model_dir), dtype=dtype,
+                                  enable_lora=True, max_loras=max_loras, max_lora_rank=max_lora_rank,
+                                  max_cpu_loras=max(64, max_loras), max_num_seqs=max_num_seqs,
+                                  max_model_len=max_model_len, enable_prefix_caching=False)
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gib))
+        self._ids: dict[tuple[str, str], int] = {}
+        self._id_counter = itertools.count(1)
+        self._ready = threading.Event()
+        self.error: str | None = None
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._run_loop, name="vllm-engine", daemon=True)
+        self.engine = None
+        self.tokenizer = None
+        if start:
+            self._thread.start()
+
+    # -- lifecycle --------------------------------------------------------------------
+    def _run_loop(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        try:
+            self._loop.run_until_complete(self._start())
+        except Exception as e:  # noqa: BLE001 - reported on /readyz
+            self.error = f"{type(e).__name__}: {e}"
+            log.exception("vLLM engine failed to start")
+            return
+        self._ready.set()
+        self._loop.run_forever()
+
+    async def _start(self) -> None:
+        from transformers import AutoTokenizer
+        from vllm import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
+        self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**self.engine_kwargs))
+
+    def ready(self) -> bool:
+        return self._ready.is_set()
+
+    def wait_ready(self, timeout: float = 600) -> bool:
+        self._ready.wait(timeout)
+        if self.error:
+            raise RuntimeError(f"vLLM engine failed to start: {self.error}")
+        return self.ready()
+
+    def shutdown(self) -> None:
+        if self.engine is not None and self._loop.is_running():
+            asyncio.run_coroutine_threadsafe(self._ashutdown(), self._loop).result(120)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+
+    async def _ashutdown(self) -> None:
+        engine, self.engine = self.engine, None
+        engine.shutdown()
+
+    # -- plans ----------------------------------------------------------------------
+    def lora_request(self, name: str):
+        from vllm.lora.request import LoRARequest
+        card = self.pool.get(name)
+        key = (name, card.artifacts["adapter_weights"])
+        if key not in self._ids:
+            self._ids[key] = next(self._id_counter)
+        return LoRARequest(lora_name=f"{name}@{key[1][:12]}", lora_int_id=self._ids[key],
+                           lora_path=str(self.pool.adapter_dir(card)))
+
+    def can_run(self, plan) -> tuple[bool, str]:
+        if not self.ready():
+            return False, "vLLM engine still starting"
+        d = plan.decision if plan is not None else None
+        if d is None or d.abstained or not d.chosen:
+            return True, ""
+        if d.granularity != "sequence" or len(d.chosen) != 1:
+            return False, f"{d.granularity}-level plans run in the reference engine"
+        card = self.pool.get(d.chosen[0])
+        if card.kind != "lora":
+            return False, f"{card.kind} experts do not run in vLLM"
+        if (card.rank or 0) > self.max_lora_rank:
+            return False, f"rank {card.rank} is above the engine's max_lora_rank {self.max_lora_rank}"
+        return True, ""
+
+    def _route(self, plan):
+        ok, why = self.can_run(plan)
+        if not ok:
+            if self.fallback is None:
+                raise RuntimeError(why)
+            if plan is not None:
+                plan.decision.detail["executor"] = self.fallback.name
+                plan.decision.detail["executor_reason"] = why
+            return None
+        if plan is not None:
+            plan.decision.detail["executor"] = "vllm"
+        d = plan.decision if plan is not None else None
+        return "base" if d is None or d.abstained or not d.chosen else d.chosen[0]
+
+    def _sampling(self, params: SamplingParams):
+        from vllm import SamplingParams as VSP
+        return VSP(max_tokens=params.max_tokens, temperature=params.temperature, top_p=params.top_p,
+                   stop=params.stop or None, seed=params.seed, ignore_eos=params.ignore_eos)
+
+    def _prompt(self, messages: list[dict]) -> dict:
+        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                 return_dict=True)["input_ids"]
+        return {"prompt_token_ids": list(ids)}
+
+    # -- generation -------------------------------------------------------------------
+    async def _agenerate(self, prompt: dict, sp, lora, out_q: queue.Queue | None):
+        final = None
+        sent = 0
+        async for out in self.engine.generate(prompt, sp, uuid.uuid4().hex, lora_request=lora):
+            final = out
+            if out_q is not None:
+                text = out.outputs[0].text
+                if len(text) > sent:
+                    out_q.put(("delta", text[sent:]))
+                    sent = len(text)
+        return final
+
+    def generate_tokens(self, prompt_ids: list[int], params: SamplingParams, adapter: str | None):
+        """Run one request by token ids (benchmarks use this to bypass the service)."""
+        lora = self.lora_request(adapter) if adapter else None
+        fut = asyncio.run_coroutine_threadsafe(
+            self._agenerate({"prompt_token_ids": prompt_ids}, self._sampling(params), lora, None), self._loop)
+        return fut.result()
+
+    def generate(self, messages: list[dict], params: SamplingParams, plan=None) -> Generation:
+        target = self._route(plan)
+        if target is None:
+            return self.fallback.generate(messages, params, plan)
+        lora = None if target == "base" else self.lora_request(target)
+        prompt = self._prompt(messages)
+        fut = asyncio.run_coroutine_threadsafe(self._agenerate(prompt, self._sampling(params), lora, None), self._loop)
+        out = fut.result()
+        o = out.outputs[0]
+        return Generation(o.text, len(prompt["prompt_token_ids"]), len(o.token_ids),
+                          "length" if o.finish_reason == "length" else "stop")
+
+    def stream(self, messages: list[dict], params: SamplingParams, plan=None) -> Iterator[StreamDelta]:
+        target = self._route(plan)
+        if target is None:
+            yield from self.fallback.stream(messages, params, plan)
+            return
+        lora = None if target == "base" else self.lora_request(target)
+        prompt = self._prompt(messages)
+        q: queue.Queue = queue.Queue()
+        fut = asyncio.run_coroutine_threadsafe(self._agenerate(prompt, self._sampling(params), lora, q), self._loop)
+        fut.add_done_callback(lambda f: q.put(("done", None)))
+        while True:
+            kind, value = q.get()
+            if kind == "delta":
+                yield StreamDelta(text=value)
+            else:
+                break
+        out = fut.result()
+        o = out.outputs[0]
+        yield StreamDelta("", "length" if o.finish_reason == "length" else "stop",
+                          len(prompt["prompt_token_ids"]), len(o.token_ids))

@@ -1,0 +1,51 @@
+"""`moerge eval --quick` runs every method end to end on the real library and writes the report."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from moerge.eval.harness import plan_signature
+from moerge.router.base import RoutingDecision
+
+
+def test_plan_signature_separates_plans_and_merges_equal_ones():
+    a = RoutingDecision("embed", "sequence", chosen=["x"])
+    b = RoutingDecision("glider-global", "sequence", chosen=["x"])
+    assert plan_signature(a, None) == plan_signature(b, None) == "fixed:x"
+    assert plan_signature(RoutingDecision("embed", "sequence", abstained=True), None) == "base"
+    assert plan_signature(RoutingDecision("merge-ties", "static", chosen=["x", "y"]), None) == "merge-ties"
+
+
+@pytest.mark.real
+@pytest.mark.slow
+def test_quick_eval_writes_report_tables_and_plots(tmp_path, real_settings):
+    out = tmp_path / "eval"
+    env = {**os.environ, "MOERGE_HOME": str(real_settings.home), "MOERGE_CONFIG": str(tmp_path / "none.toml")}
+    proc = subprocess.run([sys.executable, "-m", "moerge.cli", "eval", "--quick", "--out", str(out)],
+                          env=env, capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    methods = report["methods"]
+    for m in ("base", "oracle", "merge-linear", "merge-ties", "merge-cat", "retrieval", "embed", "glider-global",
+              "arrow", "phatgoose", "glider"):
+        assert m in methods, m
+        assert 0.0 <= methods[m]["held_in"] <= 1.0 and 0.0 <= methods[m]["held_out"] <= 1.0
+        assert len(methods[m]["tasks"]) == 16
+    assert methods["oracle"]["held_in"] > methods["base"]["held_in"]      # the experts do help
+    assert methods["oracle"]["routing_top1_held_in"] == 1.0
+    assert "embed" in report["out_of_domain"] and "arrow" in report["out_of_domain"]
+    for png in ("held_in_vs_held_out.png", "routing_heatmap.png", "layer_routing_mass.png"):
+        assert (out / png).stat().st_size > 10_000
+    md = (out / "report.md").read_text()
+    assert "| glider-global |" in md and "held-out" in md
+    # a second run is served from the generation cache
+    proc = subprocess.run([sys.executable, "-m", "moerge.cli", "eval", "--quick", "--out", str(out),
+                           "--methods", "oracle"], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0
+    again = json.loads((out / "report.json").read_text())
+    assert again["cost"]["cache_misses"] == 0

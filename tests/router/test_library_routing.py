@@ -1,0 +1,74 @@
+"""Routing on the real bundled library: the issue's bars, and gates that learned their task."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moerge.eval.harness import EVAL_SEED
+from moerge.eval.tasks import HELD_IN, get_task, out_of_domain_prompts
+from moerge.router.base import make_router
+
+
+@pytest.fixture(scope="module")
+def library_ctx(real_settings, tmp_path_factory, base_model_dir):
+    from moerge.experts.bundled import library_entries, load_bundled
+    from moerge.experts.pool import open_pool
+    from moerge.router.factory import build_context
+    assert len(library_entries()) == 12, "the bundled library is incomplete: run `moerge experts build`"
+    s = real_settings.model_copy(update={"pool_dir": tmp_path_factory.mktemp("libpool")})
+    pool = open_pool(s)
+    load_bundled(pool, progress=lambda m: None)
+    return build_context(pool, base_model_dir)
+
+
+@pytest.mark.real
+@pytest.mark.slow
+def test_glider_global_top1_on_held_in_paraphrases_and_abstain_out_of_domain(library_ctx):
+    r = make_router("glider-global", library_ctx)
+    samples = [s for t in HELD_IN for s in get_task(t).samples(20, EVAL_SEED, "eval")]
+    right = sum(r.route(s.prompt).chosen[:1] == [s.task] for s in samples)
+    assert right / len(samples) >= 0.95, right / len(samples)
+    ood = out_of_domain_prompts()
+    abstained = sum(r.route(q).abstained for q in ood)
+    assert abstained / len(ood) >= 0.90, abstained / len(ood)
+
+
+@pytest.mark.real
+def test_every_bundled_expert_has_gate_and_prototypes(library_ctx):
+    cards = library_ctx.pool.list()
+    assert sorted(c.name for c in cards) == sorted(HELD_IN)
+    assert all({"gate", "arrow"} <= set(c.artifacts) for c in cards)
+
+
+def _activations(base_dir, prompts, module):
+    """Inputs to `module` of the base model for the given prompts: [tokens, d_in]."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(base_dir)
+    model = AutoModelForCausalLM.from_pretrained(base_dir).eval()
+    seen = []
+    h = model.get_submodule(module).register_forward_hook(lambda m, inp, out: seen.append(inp[0][0]))
+    with torch.inference_mode():
+        for p in prompts:
+            ids = tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
+                                          return_tensors="pt", return_dict=True)
+            model(**ids)
+    h.remove()
+    return torch.cat(seen)
+
+
+@pytest.mark.real
+def test_gates_score_own_task_activations_higher_than_other_tasks(library_ctx, base_model_dir):
+    """For each expert, its PHATGOOSE gate (standardised, as routed) gives a higher mean score to
+    tokens of its own task than to tokens of the other tasks, at a mid-depth MLP input."""
+    from moerge.kernels.gating import standardise
+    module = "model.layers.15.mlp.down_proj"
+    acts = {t: _activations(base_model_dir, [s.prompt for s in get_task(t).samples(4, 3, "train")], module)
+            for t in HELD_IN}
+    wins = 0
+    for t in HELD_IN:
+        v = standardise(library_ctx.gate_table(t, "gate")[module].float())
+        own = (standardise(acts[t]) @ v).mean()
+        others = torch.stack([(standardise(acts[o]) @ v).mean() for o in HELD_IN if o != t]).mean()
+        wins += bool(own > others)
+    assert wins >= 10, f"only {wins}/12 gates prefer their own task"

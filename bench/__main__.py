@@ -1,6 +1,6 @@
 """`make bench`: every benchmark, measured side by side in one run; prints ratios, saves JSON.
 
-python -m bench [routing] [kernels] [generation]   (default: all)
+python -m bench [kernels] [generation] [routing] [vllm] [service]   (default: all)
 """
 
 from __future__ import annotations
@@ -9,11 +9,11 @@ import json
 import sys
 from pathlib import Path
 
-from bench import kernels, routing
+from bench import kernels, routing, vllm_serving
 
 
 def main(argv: list[str]) -> None:
-    wanted = argv or ["kernels", "generation", "routing"]
+    wanted = argv or ["kernels", "generation", "routing", "vllm", "service"]
     results = {}
     if "kernels" in wanted:
         results["kernels"] = kernels.run()
@@ -23,6 +23,10 @@ def main(argv: list[str]) -> None:
             results["generation"] = routing.run_generation(env)
         if "routing" in wanted:
             results["routing"] = routing.run_latency(env)
+    if "vllm" in wanted:
+        results["vllm"] = vllm_serving.run_throughput()
+    if "service" in wanted:
+        results["service_latency"] = vllm_serving.run_service_latency()
     out = Path("runs/bench")
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=2))

@@ -36,7 +36,7 @@ def _params(req: ChatCompletionRequest, settings: Settings) -> SamplingParams:
         raise ExpertError(f"max_tokens={max_tokens} is over this server's limit of "
                           f"{settings.max_new_tokens_limit}")
     return SamplingParams(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
-                          stop=list(req.stop or []), seed=req.seed)
+                          stop=list(req.stop or []), seed=req.seed, ignore_eos=req.ignore_eos)
 
 
 class RouteRequest(BaseModel):

@@ -32,6 +32,7 @@ class ChatCompletionRequest(BaseModel):
     seed: int | None = None
     stream: bool = False
     n: int = Field(default=1, ge=1, le=1)
+    ignore_eos: bool = False   # vLLM's extension: always generate max_tokens (benchmarks)
 
     @field_validator("stop")
     @classmethod

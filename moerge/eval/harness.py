@@ -58,7 +58,7 @@ def max_tokens_for(task, tokenizer, samples) -> int:
 
 
 class Evaluator:
-    def __init__(self, pool, engine, ctx, cache: GenerationCache, batch_size: int = 8):
+    def __init__(self, pool, engine, ctx, cache: GenerationCache, batch_size: int = 16):
         self.pool, self.engine, self.ctx, self.cache = pool, engine, ctx, cache
         self.batch_size = batch_size
         self.expert_of_task = {(c.extra or {}).get("task"): c.name for c in pool.list() if c.kind == "lora"}

@@ -23,11 +23,10 @@ def load_bundled(pool, progress=print) -> list[str]:
         if entry["name"] in have:
             continue
         folder = LIBRARY / entry["name"]
-        card = pool.register_lora(folder, entry["name"], entry["description"], tags=entry.get("tags", []),
-                                  examples=entry.get("examples", []), extra={"bundled": True, "task": entry.get("task")})
         gate = folder / "gate.safetensors"
-        if gate.exists():
-            pool.update(card.name, artifacts={"gate": gate.read_bytes()})
+        card = pool.register_lora(folder, entry["name"], entry["description"], tags=entry.get("tags", []),
+                                  examples=entry.get("examples", []), extra={"bundled": True, "task": entry.get("task")},
+                                  extra_blobs={"gate": gate.read_bytes()} if gate.exists() else None)
         added.append(card.name)
         progress(f"registered bundled expert {card.name}")
     return added

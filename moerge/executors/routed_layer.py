@@ -13,7 +13,9 @@ from dataclasses import dataclass, field
 import torch
 
 from moerge.kernels.gating import route_tokens
-from moerge.kernels.lora_mixture import lora_mixture
+from moerge.kernels.lora_mixture import (
+    DENSE_MAX_TOTAL_RANK, coefficients, lora_mixture_dense, lora_mixture_grouped, stack_for_dense,
+)
 
 
 @dataclass
@@ -50,9 +52,19 @@ class RoutedLoraLinear(torch.nn.Module):
         self.a = torch.zeros(0, 0, base.in_features)    # [E, r, d_in]
         self.b = torch.zeros(0, base.out_features, 0)   # [E, d_out, r]
         self.scaling = torch.zeros(0)                   # [E]
+        self.dense, self.a_cat, self.b_cat = True, None, None
 
     def set_experts(self, a: torch.Tensor, b: torch.Tensor, scaling: torch.Tensor) -> None:
         self.a, self.b, self.scaling = a, b, scaling
+        # few experts × small rank: two matmuls over the concatenated rank beat per-expert segments
+        self.dense = a.shape[0] * a.shape[1] <= DENSE_MAX_TOTAL_RANK
+        self.a_cat, self.b_cat = stack_for_dense(a, b, scaling) if self.dense and len(a) else (None, None)
+
+    def _mixture(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        if self.dense:
+            coef = coefficients(weights, ids, self.a.shape[0])
+            return lora_mixture_dense(x, self.a_cat.to(x.dtype), self.b_cat.to(x.dtype), coef, self.a.shape[1])
+        return lora_mixture_grouped(x, self.a, self.b, self.scaling, weights, ids)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
@@ -89,5 +101,5 @@ class RoutedLoraLinear(torch.nn.Module):
             elif row.kind == "dense" and row.dense is not None and self.name in row.dense:
                 delta[sl] += xt[sl] @ row.dense[self.name].to(xt.dtype).T
         if any_lora and len(self.scaling):
-            delta += lora_mixture(xt, self.a, self.b, self.scaling, weights.to(xt.dtype), ids)
+            delta += self._mixture(xt, weights.to(xt.dtype), ids)
         return y + delta.reshape(*shape[:-1], -1).to(y.dtype)

@@ -34,7 +34,7 @@ class MethodSpec:
     options: dict = field(default_factory=dict)
 
 
-def default_methods(quick: bool = False, alphas=(0.0, 3.0, 10.0, 100.0)) -> list[MethodSpec]:
+def default_methods(quick: bool = False, alphas=(3.0, 100.0)) -> list[MethodSpec]:
     specs = [MethodSpec(m, m) for m in ("base", "oracle", "merge-linear", "merge-ties", "merge-cat", "retrieval",
                                         "embed", "glider-global", "arrow", "phatgoose", "glider")]
     if not quick:

@@ -45,7 +45,7 @@ def _activations(base_dir, prompts, module):
     """Inputs to `module` of the base model for the given prompts: [tokens, d_in]."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     tok = AutoTokenizer.from_pretrained(base_dir)
-    model = AutoModelForCausalLM.from_pretrained(base_dir).eval()
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
     seen = []
     h = model.get_submodule(module).register_forward_hook(lambda m, inp, out: seen.append(inp[0][0]))
     with torch.inference_mode():

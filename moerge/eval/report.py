@@ -68,10 +68,16 @@ def plot_held_in_vs_out(report: dict, path: Path):
     pts = [(k, a, b) for k, a, b in pts if a is not None and b is not None]
     if not pts:
         return None
-    fig, ax = plt.subplots(figsize=(7, 5))
-    for k, a, b in pts:
-        ax.scatter(100 * a, 100 * b, s=40)
-        ax.annotate(k, (100 * a, 100 * b), fontsize=8, xytext=(4, 2), textcoords="offset points")
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    # methods often share a point (e.g. 0% held-out): stack the labels of nearby points
+    placed: list[tuple[float, float]] = []
+    for k, a, b in sorted(pts, key=lambda p: (p[2], p[1])):
+        x, y = 100 * a, 100 * b
+        ax.scatter(x, y, s=40)
+        n = sum(abs(x - px) < 15 and abs(y - py) < 0.4 for px, py in placed)
+        placed.append((x, y))
+        ax.annotate(k, (x, y), fontsize=8, xytext=(5, 4 + 11 * n), textcoords="offset points",
+                    arrowprops={"arrowstyle": "-", "lw": 0.4, "color": "grey"} if n else None)
     ax.set_xlabel("held-in accuracy (%)")
     ax.set_ylabel("held-out accuracy (%)")
     ax.set_title("Routing methods: held-in vs held-out")

@@ -11,7 +11,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from moerge.eval.harness import EVAL_SEED, _summarise
-from moerge.eval.tasks import HELD_OUT, get_task
+from moerge.eval.tasks import get_task
 
 
 def evaluate_endpoint(url: str, model: str, tasks: list[str], n: int, out: Path, api_key: str = "none",
@@ -54,5 +54,3 @@ def evaluate_endpoint(url: str, model: str, tasks: list[str], n: int, out: Path,
     write_report(report, out)
     return report
 
-
-__all__ = ["evaluate_endpoint", "HELD_OUT"]

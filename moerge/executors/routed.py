@@ -71,7 +71,10 @@ class RoutedEngine:
         return self.layers[module]
 
     def sync_experts(self) -> list[str]:
-        """Stack every LoRA expert of the pool into the routed layers (once per pool change)."""
+        """Stack every LoRA expert of the pool into the routed layers (once per pool change:
+        the pool's change events reset the version, so requests in between do not read the pool)."""
+        if self._version is not None:
+            return self.expert_names
         with self._lock:
             cards = [c for c in self.pool.list() if c.kind == "lora"]
             version = tuple((c.name, c.artifacts.get("adapter_weights")) for c in cards)

@@ -84,13 +84,6 @@ class RouterContext:
         self.card_index.add(card.name, vec)
 
     # -- reads ----------------------------------------------------------------------
-    def expert_names(self, kind: str | None = None) -> list[str]:
-        with self._lock:
-            names = sorted(self.vectors)
-        if kind is None:
-            return names
-        return [c.name for c in self.pool.list() if c.kind == kind and c.name in names]
-
     def gate_table(self, name: str, role: str) -> dict[str, torch.Tensor]:
         """module -> vector for one expert's 'arrow' prototypes or PHATGOOSE 'gate'."""
         key = (name, role)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import time
@@ -17,7 +16,7 @@ from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
 
 from moerge.config import Settings
 from moerge.executors.base import SamplingParams
-from moerge.experts.errors import ExpertError, UnknownExpertError
+from moerge.experts.errors import ExpertError
 from moerge.service.experts_api import build_router
 from moerge.service.ops import BodySizeLimit, KeyCheck, Metrics, RateLimiter
 from moerge.service.runtime import Runtime
@@ -124,13 +123,10 @@ def create_app(runtime: Runtime) -> FastAPI:
         headers = plan.headers()
         cid, created = completion_id(), now()
         if req.stream:
-            return StreamingResponse(_sse(runtime, messages, params, plan, req.model, cid, created),
+            return StreamingResponse(_sse(runtime, metrics, messages, params, plan, req.model, cid, created),
                                      media_type="text/event-stream", headers=headers)
-        t0 = time.perf_counter()
         gen = await run_in_threadpool(runtime.generate, messages, params, plan)
-        runtime.observe(plan, gen.prompt_tokens, gen.completion_tokens, time.perf_counter() - t0)
-        metrics.tokens.labels("prompt").inc(gen.prompt_tokens)
-        metrics.tokens.labels("completion").inc(gen.completion_tokens)
+        metrics.count_tokens(gen.prompt_tokens, gen.completion_tokens)
         headers = plan.headers()  # a remote fallback may have changed the plan
         body = {
             "id": cid, "object": "chat.completion", "created": created, "model": req.model,
@@ -145,14 +141,13 @@ def create_app(runtime: Runtime) -> FastAPI:
     return app
 
 
-async def _sse(runtime: Runtime, messages, params, plan, model, cid, created):
+async def _sse(runtime: Runtime, metrics: Metrics, messages, params, plan, model, cid, created):
     def chunk(delta: dict, finish=None, **extra) -> str:
         body = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
                 "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}], **extra}
         return f"data: {json.dumps(body)}\n\n"
 
     yield chunk({"role": "assistant", "content": ""}, moerge=plan.info())
-    t0 = time.perf_counter()
     stream: Iterator = runtime.stream(messages, params, plan)
     try:
         async for delta in iterate_in_threadpool(stream):
@@ -161,14 +156,10 @@ async def _sse(runtime: Runtime, messages, params, plan, model, cid, created):
             if delta.finish_reason:
                 usage = {"prompt_tokens": delta.prompt_tokens, "completion_tokens": delta.completion_tokens,
                          "total_tokens": delta.prompt_tokens + delta.completion_tokens}
-                runtime.observe(plan, delta.prompt_tokens, delta.completion_tokens, time.perf_counter() - t0)
+                metrics.count_tokens(delta.prompt_tokens, delta.completion_tokens)
                 yield chunk({}, finish=delta.finish_reason, usage=usage)
-    except asyncio.CancelledError:  # the client went away
-        raise
     except Exception as e:  # an error after headers went out: tell the client in-band
         log.exception("stream failed")
         yield f"data: {json.dumps(error_body(str(e), 500, 'server_error'))}\n\n"
     yield "data: [DONE]\n\n"
 
-
-__all__ = ["create_app", "UnknownExpertError"]

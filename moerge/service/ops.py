@@ -145,3 +145,7 @@ class Metrics:
         self.tokens = Counter("moerge_tokens_total", "tokens", ["kind"], registry=self.registry)
         self.expert_use = Counter("moerge_expert_requests_total", "requests served per expert", ["expert"],
                                   registry=self.registry)
+
+    def count_tokens(self, prompt: int, completion: int) -> None:
+        self.tokens.labels("prompt").inc(prompt)
+        self.tokens.labels("completion").inc(completion)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 import time
 from dataclasses import dataclass, field
 
@@ -46,8 +45,6 @@ class Runtime:
         self.router_ctx = router_ctx
         self.remote = remote
         self._routers: dict[str, object] = {}
-        self._stats_lock = threading.Lock()
-        self.stats = {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0}
 
     def readiness(self) -> tuple[bool, dict]:
         ready = getattr(self.executor, "ready", lambda: True)()
@@ -98,9 +95,3 @@ class Runtime:
         if plan.target == "model":
             return self.remote.stream(messages, params, plan, fallback=self.executor)
         return self.executor.stream(messages, params, plan)
-
-    def observe(self, plan: Plan, prompt_tokens: int, completion_tokens: int, seconds: float) -> None:
-        with self._stats_lock:
-            self.stats["requests"] += 1
-            self.stats["prompt_tokens"] += prompt_tokens
-            self.stats["completion_tokens"] += completion_tokens

@@ -49,12 +49,6 @@ class ChatCompletionRequest(BaseModel):
         return [{"role": role_map.get(m.role, m.role), "content": m.text()} for m in self.messages]
 
 
-class Usage(BaseModel):
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
-
-
 def completion_id() -> str:
     return f"chatcmpl-{uuid.uuid4().hex[:24]}"
 

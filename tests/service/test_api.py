@@ -6,7 +6,6 @@ from __future__ import annotations
 import io
 import json
 import tarfile
-import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -155,7 +154,6 @@ def test_bad_inputs_get_4xx_with_message_and_pool_is_unchanged(server, adapter, 
 @pytest.mark.real
 def test_32_concurrent_chats_while_an_expert_registers(server, adapter):
     url, _ = server
-    done = threading.Event()
 
     def chat(i):
         r = httpx.post(f"{url}/v1/chat/completions", headers=USER, timeout=300, json={
@@ -166,7 +164,6 @@ def test_32_concurrent_chats_while_an_expert_registers(server, adapter):
     with ThreadPoolExecutor(32) as ex:
         futures = [ex.submit(chat, i) for i in range(32)]
         reg = _register(url, adapter, "pirate-concurrent")
-        done.set()
         codes = [f.result() for f in futures]
     assert reg.status_code == 201, reg.text
     assert codes == [200] * 32

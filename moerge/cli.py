@@ -242,16 +242,30 @@ def _router_context():
 
 @app.command()
 @_guard
-def calibrate(out: Optional[Path] = typer.Option(None, "--out", help="default: the bundled calibration file")) -> None:
-    """Calibrate abstain thresholds on the out-of-domain set (calibration half) and in-domain prompts."""
+def calibrate(out: Optional[Path] = typer.Option(None, "--out", help="default: the bundled calibration file"),
+              alpha: bool = typer.Option(True, "--alpha/--no-alpha",
+                                         help="also choose glider's α on held-in development prompts")) -> None:
+    """Calibrate abstain thresholds (out-of-domain calibration half vs in-domain prompts) and glider's α."""
     from moerge.eval.tasks import out_of_domain_prompts
     from moerge.router.calibrate import calibrate as run
+    from moerge.router.calibrate import calibrate_alpha
     from moerge.router.context import CALIBRATION_FILE
     ctx = _router_context()
     cal = run(ctx, out_of_domain_prompts())
-    cal.save(out or CALIBRATION_FILE)
     for m, thr in cal.thresholds.items():
         console.print(f"{m}: threshold {thr:.4f}  {cal.detail[m]}")
+    if alpha:
+        from moerge.assets import ensure_base_model
+        from moerge.executors.routed import RoutedEngine
+        ctx.calibration = cal          # glider reads the fresh glider-global threshold
+        engine = RoutedEngine.from_folder(ensure_base_model(get_settings()), ctx.pool)
+        cal.alpha, cal.detail["glider_alpha"] = calibrate_alpha(ctx, engine, progress=err.print)
+        console.print(f"glider: α = {cal.alpha}  {cal.detail.get('glider_alpha')}")
+    else:
+        cal.alpha = ctx.calibration.alpha
+        if "glider_alpha" in ctx.calibration.detail:
+            cal.detail["glider_alpha"] = ctx.calibration.detail["glider_alpha"]
+    cal.save(out or CALIBRATION_FILE)
 
 
 @app.command("eval")
@@ -260,19 +274,23 @@ def eval_cmd(
     methods: Optional[list[str]] = typer.Option(None, "--methods", help="method labels (default: all)"),
     tasks: Optional[list[str]] = typer.Option(None, "--tasks", help="tasks (default: held-in + held-out)"),
     n: int = typer.Option(50, "--n", help="evaluation prompts per task"),
-    quick: bool = typer.Option(False, "--quick", help="n=6, no alpha sweep, no best-single search"),
+    quick: bool = typer.Option(False, "--quick", help="n=4, no alpha sweep, no best-single search"),
     out: Path = typer.Option(Path("runs/eval"), "--out"),
     endpoint: Optional[str] = typer.Option(None, "--endpoint", help="score an OpenAI-compatible endpoint instead"),
     model: str = typer.Option("auto", "--model", help="model name to send to --endpoint"),
     api_key: str = typer.Option("none", "--api-key"),
+    engine: str = typer.Option("auto", "--engine", help="auto: vLLM (fp32) for base and one-expert plans, the "
+                               "reference engine for mixtures and merges | reference: everything in the reference engine"),
 ) -> None:
     """Evaluate routing methods side by side (or an OpenAI-compatible endpoint)."""
+    if engine not in ("auto", "reference"):
+        fail(f"--engine must be auto or reference, not {engine!r}")
     from moerge.eval.tasks import HELD_IN, HELD_OUT, get_task
     task_list = list(tasks) if tasks else HELD_IN + HELD_OUT
     for t in task_list:
         get_task(t)
     if quick:
-        n = min(n, 6)
+        n = min(n, 4)
     if endpoint:
         from moerge.eval.endpoint import evaluate_endpoint
         evaluate_endpoint(endpoint, model, task_list, n, out, api_key=api_key)
@@ -287,9 +305,18 @@ def eval_cmd(
         if unknown:
             fail(f"unknown method(s) {unknown}: choose from {', '.join(known)}")
         specs = [known[m] for m in methods]
-    pool, engine, ctx, namespace = prepare(get_settings())
-    report = evaluate(pool, engine, ctx, methods=specs, tasks=task_list, n=n, out=out,
-                      cache_path=out / "generations.sqlite", namespace=namespace, with_best_single=not quick)
+    pool, ref_engine, ctx, namespace = prepare(get_settings())
+    fast = None
+    if engine == "auto":
+        from moerge.eval.run import FastEngine
+        fast = FastEngine(get_settings(), pool)
+    try:
+        report = evaluate(pool, ref_engine, ctx, methods=specs, tasks=task_list, n=n, out=out,
+                          cache_path=out / "generations.sqlite", namespace=namespace, with_best_single=not quick,
+                          fast=fast)
+    finally:
+        if fast is not None:
+            fast.shutdown()
     from moerge.eval.report import results_table
     console.print(results_table(report))
     console.print(f"wrote {out / 'report.md'} and plots")

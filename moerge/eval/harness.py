@@ -34,7 +34,7 @@ class MethodSpec:
     options: dict = field(default_factory=dict)
 
 
-def default_methods(quick: bool = False, alphas=(3.0, 100.0)) -> list[MethodSpec]:
+def default_methods(quick: bool = False, alphas=(1.0, 3.0, 10.0, 30.0, 100.0)) -> list[MethodSpec]:
     specs = [MethodSpec(m, m) for m in ("base", "oracle", "merge-linear", "merge-ties", "merge-cat", "retrieval",
                                         "embed", "glider-global", "arrow", "phatgoose", "glider")]
     if not quick:
@@ -58,25 +58,59 @@ def max_tokens_for(task, tokenizer, samples) -> int:
 
 
 class Evaluator:
-    def __init__(self, pool, engine, ctx, cache: GenerationCache, batch_size: int = 16):
+    """Runs methods over tasks. Rows whose plan is the base model or one LoRA expert go to
+    `fast` (the vLLM executor, fp32 like the reference engine) when given; every other plan
+    (token-level mixtures, merges) runs in the routed reference engine. The cache key names
+    the engine, so a generation is only reused by the engine that made it."""
+
+    def __init__(self, pool, engine, ctx, cache: GenerationCache, batch_size: int = 16, fast=None):
         self.pool, self.engine, self.ctx, self.cache = pool, engine, ctx, cache
         self.batch_size = batch_size
+        self.fast = fast
         self.expert_of_task = {(c.extra or {}).get("task"): c.name for c in pool.list() if c.kind == "lora"}
+        self.engine_rows: dict[str, int] = {"reference": 0, "vllm": 0}
+
+    def _fast_target(self, d: RoutingDecision) -> tuple[bool, str | None]:
+        """(runs on the fast engine, adapter name or None for the base model)."""
+        if self.fast is None:
+            return False, None
+        if d.abstained or not d.chosen:
+            return True, None
+        if d.granularity == "sequence" and len(d.chosen) == 1:
+            card = self.pool.get(d.chosen[0])
+            if card.kind == "lora" and (card.rank or 0) <= self.fast.max_lora_rank:
+                return True, card.name
+        return False, None
 
     def generate(self, samples, decisions, router, max_tokens: int) -> list[dict]:
-        """One record per sample: text, tokens, seconds, layer_usage (cached by plan signature)."""
+        """One record per sample: text, tokens, seconds, layer_usage, engine (cached by engine + plan)."""
         out: list[dict | None] = [None] * len(samples)
-        todo = []
+        ref_todo, fast_todo = [], []
         for i, (s, d) in enumerate(zip(samples, decisions)):
-            key = self.cache.key(plan_signature(d, router), s.prompt, max_tokens)
+            on_fast, adapter = self._fast_target(d)
+            engine = "vllm" if on_fast else "reference"
+            key = self.cache.key(f"{engine}|{plan_signature(d, router)}", s.prompt, max_tokens)
             hit = self.cache.get(key)
             if hit is not None:
                 out[i] = hit
+            elif on_fast:
+                fast_todo.append((i, key, adapter))
             else:
-                todo.append((i, key))
+                ref_todo.append((i, key))
         params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
-        for j in range(0, len(todo), self.batch_size):
-            chunk = todo[j:j + self.batch_size]
+        if fast_todo:
+            prompts = [self.engine.encode_chat([{"role": "user", "content": samples[i].prompt}]) for i, _, _ in fast_todo]
+            t0 = time.perf_counter()
+            results = self.fast.generate_many(prompts, params, [a for _, _, a in fast_todo])
+            share = (time.perf_counter() - t0) / len(fast_todo)
+            fresh = {}
+            for (i, key, _), (text, toks) in zip(fast_todo, results):
+                out[i] = fresh[key] = {"text": text, "tokens": len(toks), "seconds": share, "layer_usage": {},
+                                       "engine": "vllm"}
+            self.cache.put_many(fresh)
+            self.engine_rows["vllm"] += len(fast_todo)
+        for j in range(0, len(ref_todo), self.batch_size):
+            chunk = ref_todo[j:j + self.batch_size]
             prompts = [self.engine.encode_chat([{"role": "user", "content": samples[i].prompt}]) for i, _ in chunk]
             plans = [self.engine.row_plan(decisions[i], router) for i, _ in chunk]
             t0 = time.perf_counter()
@@ -85,15 +119,17 @@ class Evaluator:
             fresh = {}
             for (i, key), r in zip(chunk, results):
                 rec = {"text": r.text, "tokens": len(r.tokens), "seconds": share,
-                       "layer_usage": {str(k): v for k, v in r.layer_usage.items()}}
+                       "layer_usage": {str(k): v for k, v in r.layer_usage.items()}, "engine": "reference"}
                 out[i] = fresh[key] = rec
             self.cache.put_many(fresh)
+            self.engine_rows["reference"] += len(chunk)
         return out  # type: ignore[return-value]
 
     def run_method(self, spec: MethodSpec, tasks: list[str], n: int, bar) -> dict:
         router = make_router(spec.method, self.ctx, **spec.options)
         res = {"method": spec.method, "options": spec.options, "tasks": {}, "routing": {}}
         lat, tokens, seconds = [], 0, 0.0
+        engines: set[str] = set()
         for task_name in tasks:
             task = get_task(task_name)
             samples = task.samples(n, EVAL_SEED, "eval")
@@ -104,6 +140,7 @@ class Evaluator:
                 decisions.append(d)
             recs = self.generate(samples, decisions, router, max_tokens_for(task, self.engine.tok, samples))
             correct = [task.score(r["text"], s.answer) for r, s in zip(recs, samples)]
+            engines.update(r.get("engine", "reference") for r in recs)
             tokens += sum(r["tokens"] for r in recs)
             seconds += sum(r["seconds"] for r in recs)
             entry = {"accuracy": sum(correct) / len(correct), "n": len(correct),
@@ -122,6 +159,7 @@ class Evaluator:
             bar.update(1)
         res["routing_latency_ms"] = {"mean": statistics.mean(lat), "p50": _pct(lat, 50), "p99": _pct(lat, 99)}
         res["tokens_per_second"] = tokens / seconds if seconds else None
+        res["engines"] = sorted(engines)
         _summarise(res, tasks)
         return res
 
@@ -135,10 +173,13 @@ class Evaluator:
             samples = task.samples(n, EVAL_SEED, "eval")
             best = (-1.0, None)
             per_expert = {}
-            for e in experts:
-                d = RoutingDecision("pinned", "sequence", experts=[ExpertScore(e, 1.0)], chosen=[e])
-                recs = self.generate(samples, [d] * len(samples), None, max_tokens_for(task, self.engine.tok, samples))
-                acc = sum(task.score(r["text"], s.answer) for r, s in zip(recs, samples)) / len(samples)
+            pinned = [RoutingDecision("pinned", "sequence", experts=[ExpertScore(e, 1.0)], chosen=[e]) for e in experts]
+            # every expert's rows in one call, so the fast engine batches mixed adapters together
+            recs = self.generate([s for _ in experts for s in samples], [d for d in pinned for _ in samples], None,
+                                 max_tokens_for(task, self.engine.tok, samples))
+            for k, e in enumerate(experts):
+                mine = recs[k * len(samples):(k + 1) * len(samples)]
+                acc = sum(task.score(r["text"], s.answer) for r, s in zip(mine, samples)) / len(samples)
                 per_expert[e] = acc
                 best = max(best, (acc, e), key=lambda x: x[0])
             res["tasks"][task_name] = {"accuracy": best[0], "expert": best[1], "per_expert": per_expert, "n": n}
@@ -195,10 +236,10 @@ def _summarise(res: dict, tasks: list[str]) -> None:
 
 
 def evaluate(pool, engine, ctx, *, methods: list[MethodSpec], tasks: list[str], n: int, out: Path,
-             cache_path: Path, namespace: str, with_best_single: bool = True) -> dict:
+             cache_path: Path, namespace: str, with_best_single: bool = True, fast=None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     cache = GenerationCache(cache_path, namespace)
-    ev = Evaluator(pool, engine, ctx, cache)
+    ev = Evaluator(pool, engine, ctx, cache, fast=fast)
     t0 = time.time()
     steps = len(methods) * len(tasks) + (len([t for t in tasks if t in HELD_OUT]) if with_best_single else 0)
     report = {"config": {"n": n, "tasks": tasks, "methods": [m.label for m in methods], "eval_seed": EVAL_SEED,
@@ -212,7 +253,7 @@ def evaluate(pool, engine, ctx, *, methods: list[MethodSpec], tasks: list[str], 
             report["methods"]["best-single"] = ev.best_single(tasks, n, bar)
     report["out_of_domain"] = ev.out_of_domain(methods)
     report["cost"] = {"wall_seconds": round(time.time() - t0, 1), "cache_hits": cache.hits,
-                      "cache_misses": cache.misses,
+                      "cache_misses": cache.misses, "generations_by_engine": dict(ev.engine_rows),
                       "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
     (out / "report.json").write_text(json.dumps(report, indent=2))
     from moerge.eval.report import write_report

@@ -21,14 +21,53 @@ def _fmt(v, pct=True) -> str:
 
 def results_table(report: dict) -> str:
     ood = report.get("out_of_domain", {})
-    lines = ["| method | held-in | held-out | routing top-1 (held-in) | OOD abstain | routing ms (p50) | tokens/s |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| method | held-in | held-out | routing top-1 (held-in) | OOD abstain | routing ms (p50) | tokens/s | engine |",
+             "|---|---|---|---|---|---|---|---|"]
     for label, r in report["methods"].items():
         lat = r.get("routing_latency_ms", {}).get("p50")
         lines.append(f"| {label} | {_fmt(r.get('held_in'))} | {_fmt(r.get('held_out'))} | "
                      f"{_fmt(r.get('routing_top1_held_in'))} | {_fmt(ood.get(label, {}).get('abstain_rate'))} | "
-                     f"{_fmt(lat, pct=False)} | {_fmt(r.get('tokens_per_second'), pct=False)} |")
+                     f"{_fmt(lat, pct=False)} | {_fmt(r.get('tokens_per_second'), pct=False)} | "
+                     f"{'+'.join(r.get('engines', [])) or '–'} |")
     return "\n".join(lines)
+
+
+def aims(report: dict) -> list[str]:
+    """The issue's aims, checked against this report's numbers (only those it has the methods for)."""
+    m = report["methods"]
+    ood = report.get("out_of_domain", {})
+
+    def get(label, key):
+        return (m.get(label) or {}).get(key)
+
+    out = []
+    gliders = [lab for lab in m if m[lab].get("method") == "glider" and get(lab, "held_in") is not None]
+    oracle = get("oracle", "held_in")
+    rivals = {lab: get(lab, "held_out") for lab in ("phatgoose", "arrow", "merge-linear", "merge-ties", "merge-cat")
+              if get(lab, "held_out") is not None}
+    for g in gliders:       # the default setting and each point of the α sweep, none picked after the fact
+        g_in, g_out = get(g, "held_in"), get(g, "held_out") or 0.0
+        if oracle:
+            ratio = g_in / oracle
+            out.append(f"- {g} on held-in: {_fmt(g_in)} = {100 * ratio:.0f}% of oracle {_fmt(oracle)} "
+                       f"(aim ≥ 95%: {'met' if ratio >= 0.95 else 'missed'})")
+        if rivals:
+            top = max(rivals, key=rivals.get)
+            out.append(f"- {g} on held-out: {_fmt(g_out)} vs best of phatgoose/arrow/merges ({top}) "
+                       f"{_fmt(rivals[top])} (aim ≥: {'met' if g_out >= rivals[top] else 'missed'})")
+    if "glider" in m:
+        for lab in ("phatgoose", "arrow"):
+            if get(lab, "held_in") is not None:
+                below = get(lab, "held_in") < get("glider", "held_in")
+                out.append(f"- {lab} held-in {_fmt(get(lab, 'held_in'))} below glider {_fmt(get('glider', 'held_in'))} "
+                           f"(aim: {'met' if below else 'missed'})")
+    for lab in ("glider-global", "embed", "retrieval"):
+        if lab in ood and get(lab, "routing_top1_held_in") is not None:
+            ab, top1 = ood[lab]["abstain_rate"], get(lab, "routing_top1_held_in")
+            ok = ab >= 0.9 and top1 >= 0.95
+            out.append(f"- {lab}: OOD abstain {_fmt(ab)} with held-in top-1 {_fmt(top1)} "
+                       f"(aim ≥ 90 with ≥ 95: {'met' if ok else 'missed'})")
+    return out
 
 
 def per_task_table(report: dict) -> str:
@@ -54,7 +93,11 @@ def write_report(report: dict, out: Path) -> None:
           "Accuracy in %. Routing top-1: share of held-in prompts whose own expert is chosen first "
           "(sequence methods), or mean share of routing mass on the own expert over layers (token methods). "
           "OOD abstain: share of the out-of-domain prompts routed to no expert.\n",
-          "## Summary\n", results_table(report), "\n## Per task\n", per_task_table(report)]
+          "## Summary\n", results_table(report)]
+    checks = aims(report)
+    if checks:
+        md += ["\n## Aims\n", *checks]
+    md += ["\n## Per task\n", per_task_table(report)]
     bs = report["methods"].get("best-single", {}).get("tasks", {})
     if bs:
         md += ["\n## Best single expert per held-out task\n", "| task | expert | accuracy |", "|---|---|---|"]

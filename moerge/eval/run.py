@@ -26,3 +26,33 @@ def prepare(settings, pool_dir: Path | None = None):
     state = sorted((c.name, sorted(c.artifacts.items())) for c in pool.list())
     namespace = hashlib.sha256(json.dumps(["v1", state]).encode()).hexdigest()[:16]
     return pool, engine, ctx, namespace
+
+
+class FastEngine:
+    """The vLLM executor for evaluation, started on first use (a run served from the cache never
+    starts it). fp32 like the reference engine: its greedy answers match the reference engine's
+    (tests/executors/test_vllm.py). Every library adapter fits in one batch."""
+
+    def __init__(self, settings, pool):
+        self.settings, self.pool = settings, pool
+        self.max_lora_rank = settings.vllm_max_lora_rank
+        self._vx = None
+
+    def _engine(self):
+        if self._vx is None:
+            from moerge.assets import ensure_assets
+            from moerge.executors.vllm_engine import VllmExecutor
+            assets = ensure_assets(self.settings)
+            n_lora = max(1, sum(c.kind == "lora" for c in self.pool.list()))
+            self._vx = VllmExecutor(assets.base_model, self.pool, max_loras=min(n_lora, 16),
+                                    max_lora_rank=self.max_lora_rank, max_num_seqs=64, dtype="float32")
+            self._vx.wait_ready(900)
+        return self._vx
+
+    def generate_many(self, prompts, params, adapters):
+        return self._engine().generate_many(prompts, params, adapters)
+
+    def shutdown(self) -> None:
+        if self._vx is not None:
+            self._vx.shutdown()
+            self._vx = None

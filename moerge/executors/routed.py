@@ -184,11 +184,12 @@ class RoutedEngine:
             try:
                 for _ in range(params.max_tokens):
                     self.state.rows = plans
+                    self.state.counted = mask[:, -step_ids.shape[1]:].bool() & ~torch.tensor(done).unsqueeze(1)
                     pos = (mask.cumsum(-1) - 1).clamp(min=0)[:, -step_ids.shape[1]:]
                     with torch.inference_mode():
                         out = self.model(input_ids=step_ids, attention_mask=mask, position_ids=pos,
                                          past_key_values=past, use_cache=True)
-                    self.state.rows = []
+                    self.state.rows, self.state.counted = [], None
                     past = out.past_key_values
                     logits = out.logits[:, -1].float()
                     nxt, accepted = [], []
@@ -209,7 +210,7 @@ class RoutedEngine:
                     step_ids = torch.tensor(nxt).unsqueeze(1)
                     mask = torch.cat([mask, torch.ones(B, 1, dtype=torch.long)], dim=1)
             finally:
-                self.state.rows = []
+                self.state.rows, self.state.counted = [], None
             results = []
             for i in range(B):
                 text = _cut_stop(self.tok.decode(out_tokens[i], skip_special_tokens=True), params.stop)

@@ -39,6 +39,8 @@ class BatchState:
     def __init__(self):
         self.rows: list[RowPlan] = []
         self.row_of_token: torch.Tensor | None = None   # [T] row index of each flattened token
+        self.counted: torch.Tensor | None = None        # [B, S] tokens that count in usage (not padding,
+                                                        # not past a row's end); None = all
         self.record_usage = True
 
 
@@ -66,6 +68,40 @@ class RoutedLoraLinear(torch.nn.Module):
             return lora_mixture_dense(x, self.a_cat.to(x.dtype), self.b_cat.to(x.dtype), coef, self.a.shape[1])
         return lora_mixture_grouped(x, self.a, self.b, self.scaling, weights, ids)
 
+    def _gate_rows(self, xt, rows, members, per_row, weights, ids) -> None:
+        """Token gating for rows with the same gates: one logits matmul, per-row bias, top-k."""
+        first = rows[members[0]]
+        pos, gates = first.gates[self.name]
+        if len(members) == len(rows):
+            tok = None
+            x = xt
+        else:
+            tok = torch.cat([torch.arange(i * per_row, (i + 1) * per_row) for i in members])
+            x = xt[tok]
+        bias = None
+        if any(rows[i].bias for i in members):
+            per_row_bias = torch.stack([torch.tensor(rows[i].bias, dtype=torch.float32)[pos] if rows[i].bias
+                                        else torch.zeros(len(pos)) for i in members])          # [R, E_m]
+            bias = per_row_bias.repeat_interleave(per_row, dim=0)                               # [T_g, E_m]
+        w, local, _ = route_tokens(x, gates, first.mode, first.top_k, bias, first.temperature)
+        k = w.shape[1]
+        global_ids = torch.tensor(first.eligible)[pos][local]                                   # [T_g, k]
+        if tok is None:
+            ids[:, :k] = global_ids
+            weights[:, :k] = w
+        else:
+            ids[tok, :k] = global_ids
+            weights[tok, :k] = w
+        if self.state.record_usage:
+            E, R = len(self.scaling), len(members)
+            flat = (torch.arange(R).repeat_interleave(per_row * k) * E + global_ids.reshape(-1))
+            wc = w
+            if self.state.counted is not None:
+                wc = w * self.state.counted[members].reshape(-1, 1).to(w.dtype)
+            mass = torch.zeros(R * E).scatter_add_(0, flat, wc.reshape(-1)).view(R, E)
+            for j, i in enumerate(members):
+                rows[i].usage[self.layer] = rows[i].usage.get(self.layer, 0) + mass[j]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
         rows = self.state.rows
@@ -80,6 +116,8 @@ class RoutedLoraLinear(torch.nn.Module):
         weights = torch.zeros(T, kmax, dtype=torch.float32)
         ids = torch.zeros(T, kmax, dtype=torch.long)
         any_lora = False
+        token_groups: dict[tuple, list[int]] = {}
+        dense_groups: dict[int, list[int]] = {}
         for i, row in enumerate(rows):
             sl = slice(i * per_row, (i + 1) * per_row)
             if row.kind == "fixed" and row.ids:
@@ -88,18 +126,21 @@ class RoutedLoraLinear(torch.nn.Module):
                 weights[sl, :n] = torch.tensor(row.weights)
                 any_lora = True
             elif row.kind == "token" and row.gates is not None and self.name in row.gates:
-                pos, gates = row.gates[self.name]
-                bias = torch.tensor(row.bias, dtype=torch.float32)[pos].expand(per_row, -1) if row.bias else None
-                w, local, _ = route_tokens(xt[sl], gates, row.mode, row.top_k, bias, row.temperature)
-                k = w.shape[1]
-                ids[sl, :k] = torch.tensor(row.eligible)[pos][local]
-                weights[sl, :k] = w
+                # rows that share gate vectors and settings are gated in one matmul (bias stays per row)
+                key = (id(row.gates[self.name][1]), row.mode, row.top_k, row.temperature, tuple(row.eligible))
+                token_groups.setdefault(key, []).append(i)
                 any_lora = True
-                if self.state.record_usage:
-                    mass = torch.zeros(len(self.scaling)).scatter_add_(0, ids[sl, :k].reshape(-1), w.reshape(-1))
-                    row.usage[self.layer] = row.usage.get(self.layer, 0) + mass
             elif row.kind == "dense" and row.dense is not None and self.name in row.dense:
-                delta[sl] += xt[sl] @ row.dense[self.name].to(xt.dtype).T
+                dense_groups.setdefault(id(row.dense[self.name]), []).append(i)
+        for members in dense_groups.values():           # rows with the same dense update: one matmul
+            d = rows[members[0]].dense[self.name].to(xt.dtype)
+            if len(members) == len(rows):
+                delta += xt @ d.T
+            else:
+                tok = torch.cat([torch.arange(i * per_row, (i + 1) * per_row) for i in members])
+                delta[tok] += xt[tok] @ d.T
+        for members in token_groups.values():
+            self._gate_rows(xt, rows, members, per_row, weights, ids)
         if any_lora and len(self.scaling):
             delta += self._mixture(xt, weights.to(xt.dtype), ids)
         return y + delta.reshape(*shape[:-1], -1).to(y.dtype)

@@ -157,6 +157,21 @@ class VllmExecutor:
             self._agenerate({"prompt_token_ids": prompt_ids}, self._sampling(params), lora, None), self._loop)
         return fut.result()
 
+    def generate_many(self, prompts: list[list[int]], params: SamplingParams,
+                      adapters: list[str | None]) -> list[tuple[str, list[int]]]:
+        """Submit every request at once (vLLM batches them, adapters mixed); (text, token ids) each."""
+        if len(prompts) != len(adapters):
+            raise ValueError("one adapter (or None) per prompt")
+        sp = self._sampling(params)
+
+        async def run():
+            return await asyncio.gather(*[
+                self._agenerate({"prompt_token_ids": p}, sp, self.lora_request(a) if a else None, None)
+                for p, a in zip(prompts, adapters)])
+
+        outs = asyncio.run_coroutine_threadsafe(run(), self._loop).result()
+        return [(o.outputs[0].text, list(o.outputs[0].token_ids)) for o in outs]
+
     def generate(self, messages: list[dict], params: SamplingParams, plan=None) -> Generation:
         target = self._route(plan)
         if target is None:

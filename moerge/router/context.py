@@ -26,20 +26,23 @@ class ExpertVectors:
 
 @dataclass
 class Calibration:
-    """Abstain thresholds on the top score of each sequence-level method (None = never abstain)."""
+    """Abstain thresholds on the top score of each sequence-level method (None = never abstain),
+    and glider's global weight α chosen on held-in development prompts (None = not calibrated)."""
 
     thresholds: dict[str, float] = field(default_factory=dict)
     detail: dict = field(default_factory=dict)
+    alpha: float | None = None
 
     @classmethod
     def load(cls, path: Path = CALIBRATION_FILE) -> "Calibration":
         if not path.exists():
             return cls()
         data = json.loads(path.read_text())
-        return cls(thresholds=data.get("thresholds", {}), detail=data.get("detail", {}))
+        return cls(thresholds=data.get("thresholds", {}), detail=data.get("detail", {}), alpha=data.get("alpha"))
 
     def save(self, path: Path = CALIBRATION_FILE) -> None:
-        path.write_text(json.dumps({"thresholds": self.thresholds, "detail": self.detail}, indent=2) + "\n")
+        data = {"thresholds": self.thresholds, "alpha": self.alpha, "detail": self.detail}
+        path.write_text(json.dumps(data, indent=2) + "\n")
 
 
 class RouterContext:

@@ -38,6 +38,13 @@ def test_quick_eval_writes_report_tables_and_plots(tmp_path, real_settings):
         assert len(methods[m]["tasks"]) == 16
     assert methods["oracle"]["held_in"] > methods["base"]["held_in"]      # the experts do help
     assert methods["oracle"]["routing_top1_held_in"] == 1.0
+    # one-expert and base plans ran in vLLM (fp32), mixtures and merges in the reference engine
+    assert methods["oracle"]["engines"] == ["vllm"] and methods["base"]["engines"] == ["vllm"]
+    for m in ("arrow", "phatgoose", "glider", "merge-ties"):
+        assert methods[m]["engines"] == ["reference"], m
+    assert report["cost"]["generations_by_engine"]["vllm"] > 0
+    assert report["cost"]["generations_by_engine"]["reference"] > 0
+    assert "## Aims" in (out / "report.md").read_text()
     assert "embed" in report["out_of_domain"] and "arrow" in report["out_of_domain"]
     for png in ("held_in_vs_held_out.png", "routing_heatmap.png", "layer_routing_mass.png"):
         assert (out / png).stat().st_size > 10_000

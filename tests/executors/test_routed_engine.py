@@ -155,3 +155,29 @@ def test_bias_towards_one_expert_routes_every_token_to_it(setup):
     assert set(res.layer_usage) == {0, 1}
     for shares in res.layer_usage.values():
         assert shares["e2"] == pytest.approx(3 / 7, abs=1e-3)
+
+
+def test_rows_sharing_gates_are_gated_together_but_keep_their_own_bias(setup):
+    """Rows with the same gate tensors go through one gating matmul per layer; each row's bias,
+    tokens and usage must still be what it gets alone."""
+    pool, engine, adapters, base = setup
+    tables = {n: pool.artifact_tensors(pool.get(n), "arrow") for n in NAMES}
+    router = _Router("arrow", 2, tables)                       # one router: rows share its gate tensors
+    params = SamplingParams(max_tokens=10, temperature=0.0)
+    prompts = [engine.encode_chat([{"role": "user", "content": c}])
+               for c in ("a request that routes per token", "zz", "another one, much longer than the first one was")]
+    biases = [{}, {"e0": 1e4}, {"e2": 1e4, "e1": -1e4}]
+
+    def plan(b):
+        return engine.row_plan(RoutingDecision("arrow", "token", chosen=NAMES, bias=b), router)
+
+    alone = [engine.generate_batch([p], [plan(b)], params)[0] for p, b in zip(prompts, biases)]
+    together = engine.generate_batch(prompts, [plan(b) for b in biases], params)
+    assert len({len(p) for p in prompts}) == 3          # different lengths: left padding in the batch
+    for a, t in zip(alone, together):
+        assert t.tokens == a.tokens
+        assert t.layer_usage.keys() == a.layer_usage.keys()
+        for layer in a.layer_usage:
+            assert t.layer_usage[layer] == pytest.approx(a.layer_usage[layer], abs=1e-3)
+    # the biased rows really are steered: e0 takes top weight wherever it can be picked
+    assert all(shares.get("e0", 0) > 0.3 for shares in together[1].layer_usage.values())

@@ -72,3 +72,41 @@ def test_gates_score_own_task_activations_higher_than_other_tasks(library_ctx, b
         others = torch.stack([(standardise(acts[o]) @ v).mean() for o in HELD_IN if o != t]).mean()
         wins += bool(own > others)
     assert wins >= 10, f"only {wins}/12 gates prefer their own task"
+
+
+@pytest.mark.real
+def test_glider_alpha_modes_calibrated_auto_and_fixed(library_ctx):
+    """`calibrated` (the default) uses the α in the calibration file, `auto` switches on the global
+    router's confidence, a number is used as given; the bias is α × the global cosine."""
+    from moerge.router.context import Calibration
+    q = get_task("capital_of").samples(1, EVAL_SEED, "eval")[0].prompt
+    saved = library_ctx.calibration
+    try:
+        library_ctx.calibration = Calibration(thresholds=dict(saved.thresholds), alpha=42.0)
+        d = make_router("glider", library_ctx).route(q)
+        assert d.detail["alpha"] == 42.0
+        cos = d.detail["global_score"]
+        assert d.bias[d.detail["global_top"]] == pytest.approx(42.0 * cos, rel=1e-5)
+        library_ctx.calibration = Calibration(thresholds=dict(saved.thresholds), alpha=None)
+        auto = make_router("glider", library_ctx).route(q).detail
+        thr = saved.thresholds["glider-global"]
+        assert auto["alpha"] == (100.0 if auto["global_score"] >= thr + 0.1 else 3.0)
+        assert make_router("glider", library_ctx, alpha=7).route(q).detail["alpha"] == 7.0
+    finally:
+        library_ctx.calibration = saved
+    assert saved.alpha in (1.0, 3.0, 10.0, 30.0, 100.0), "the bundled calibration records glider's α"
+
+
+@pytest.mark.real
+@pytest.mark.slow
+def test_calibrate_alpha_picks_the_best_alpha_on_development_prompts(library_ctx, base_model_dir):
+    from moerge.executors.routed import RoutedEngine
+    from moerge.router.calibrate import calibrate_alpha
+    engine = RoutedEngine.from_folder(base_model_dir, library_ctx.pool)
+    alpha, detail = calibrate_alpha(library_ctx, engine, alphas=(1.0, 100.0), per_task=1)
+    acc = detail["accuracy_by_alpha"]
+    assert set(acc) == {"1", "100"} and detail["n"] == 12
+    assert acc[f"{alpha:g}"] == max(acc.values())
+    # α=100 lets the global choice (top-1 ≥ 95% on held-in) pick the own expert; α=1 leaves the
+    # near-chance token gates in charge (see README, "What this shows")
+    assert acc["100"] > 0.5 and acc["100"] > acc["1"]

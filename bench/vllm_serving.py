@@ -1,5 +1,6 @@
 """vLLM executor throughput with 1, 4 and 12 distinct adapters in a batch ÷ base-only, with
-moerge's grouped punica wrapper and with vLLM's own, and the service's added latency.
+moerge's grouped punica wrapper and with vLLM's own, on vLLM's default cores and on all
+cores (moerge's `vllm_cpu_threads`), and the service's added latency.
 
 Each configuration is measured in the same engine (LoRA enabled, same compilation mode),
 one batch of N concurrent requests × M forced new tokens; ratios are within one engine.
@@ -19,7 +20,7 @@ console = Console(width=150)
 N_PROMPTS, NEW_TOKENS = 48, 32
 
 
-def _one_engine(punica: str) -> dict:
+def _one_engine(punica: str, cores: str = "auto") -> dict:
     """Run in a child process so that MOERGE_VLLM_PUNICA reaches every vLLM process."""
     code = f"""
 import json, sys, time, tempfile, asyncio
@@ -38,7 +39,8 @@ if __name__ == "__main__":
     pool = open_pool(s)
     load_bundled(pool, progress=lambda m: None)
     names = sorted(pool.names())
-    vx = VllmExecutor(a.base_model, pool, max_loras=12, max_num_seqs={N_PROMPTS}, max_lora_rank=16)
+    vx = VllmExecutor(a.base_model, pool, max_loras=12, max_num_seqs={N_PROMPTS}, max_lora_rank=16,
+                      cpu_threads="{cores}")
     vx.wait_ready(900)
     tok = vx.tokenizer
     prompts = [s.prompt for t in HELD_IN for s in get_task(t).samples(4, 1, "eval")][:{N_PROMPTS}]
@@ -71,8 +73,9 @@ if __name__ == "__main__":
 
 
 def run_throughput() -> dict:
-    results = {p: _one_engine(p) for p in ("grouped", "vllm")}
-    table = Table("punica wrapper", "base tok/s", "1 adapter ÷ base", "4 adapters ÷ base", "12 adapters ÷ base",
+    results = {f"{p}, {c} cores": _one_engine(p, c) for p, c in (("grouped", "auto"), ("vllm", "auto"),
+                                                                  ("grouped", "all"))}
+    table = Table("punica wrapper, cores", "base tok/s", "1 adapter ÷ base", "4 adapters ÷ base", "12 adapters ÷ base",
                   title=f"vLLM CPU, {N_PROMPTS} concurrent requests × {NEW_TOKENS} tokens, bf16, r=4 adapters")
     for p, r in results.items():
         base = (r["base"] + r["base (again)"]) / 2

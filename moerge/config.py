@@ -10,7 +10,7 @@ import os
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -50,7 +50,16 @@ class Settings(BaseSettings):
     vllm_max_loras: int = Field(default=12, description="adapters in one vLLM batch")
     vllm_max_lora_rank: int = Field(default=16, description="largest adapter rank vLLM serves")
     vllm_dtype: str = "bfloat16"
+    vllm_cpu_threads: str = Field(default="auto", description="vLLM CPU compute cores: auto (vLLM's default: "
+                                  "on this 2-core machine one core, the other reserved) | all | a list like 0-3")
     routing_method: str = Field(default="glider-global", description="method used for model=auto")
+
+    @field_validator("vllm_cpu_threads")
+    @classmethod
+    def _cores(cls, v: str) -> str:
+        if v not in ("auto", "all") and not all(p.replace("-", "").isdigit() for p in v.split(",")):
+            raise ValueError("must be auto, all or a core list like 0-3 or 0,2")
+        return v
     max_new_tokens_limit: int = 1024
     max_request_bytes: int = 32 * 1024 * 1024
     admin_key: str | None = Field(default=None, description="key for expert changes; none = open")

@@ -31,7 +31,8 @@ def prepare(settings, pool_dir: Path | None = None):
 class FastEngine:
     """The vLLM executor for evaluation, started on first use (a run served from the cache never
     starts it). fp32 like the reference engine: its greedy answers match the reference engine's
-    (tests/executors/test_vllm.py). Every library adapter fits in one batch."""
+    (tests/executors/test_vllm.py). Every library adapter fits in one batch. It computes on
+    every core: the harness waits while vLLM generates."""
 
     def __init__(self, settings, pool):
         self.settings, self.pool = settings, pool
@@ -45,7 +46,8 @@ class FastEngine:
             assets = ensure_assets(self.settings)
             n_lora = max(1, sum(c.kind == "lora" for c in self.pool.list()))
             self._vx = VllmExecutor(assets.base_model, self.pool, max_loras=min(n_lora, 16),
-                                    max_lora_rank=self.max_lora_rank, max_num_seqs=64, dtype="float32")
+                                    max_lora_rank=self.max_lora_rank, max_num_seqs=64, dtype="float32",
+                                    cpu_threads="all")
             self._vx.wait_ready(900)
         return self._vx
 

@@ -24,7 +24,8 @@ def build_runtime(settings: Settings, progress=print) -> Runtime:
     elif settings.executor == "vllm":
         from moerge.executors.vllm_engine import VllmExecutor
         executor = VllmExecutor(assets.base_model, pool, fallback=reference, max_loras=settings.vllm_max_loras,
-                                max_lora_rank=settings.vllm_max_lora_rank, dtype=settings.vllm_dtype)
+                                max_lora_rank=settings.vllm_max_lora_rank, dtype=settings.vllm_dtype,
+                                cpu_threads=settings.vllm_cpu_threads)
     else:
         raise ValueError(f"executor {settings.executor!r} is not available: use vllm or reference")
     from moerge.router.factory import build_context

@@ -85,3 +85,24 @@ def test_adapter_registered_at_run_time_is_served_at_once_and_token_plans_fall_b
     with pytest.raises(ValueError, match="router"):   # reached the reference engine, which needs the router
         vx.generate([{"role": "user", "content": "hi"}], SamplingParams(max_tokens=4), token_plan)
     assert token_plan.decision.detail["executor"] == "reference"
+
+
+def test_cpu_threads_setting_binds_cores_or_is_refused(monkeypatch):
+    import os
+
+    from pydantic import ValidationError
+
+    from moerge.config import Settings
+    from moerge.executors.vllm_engine import bind_cpu_threads
+    monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)
+    monkeypatch.delenv("VLLM_CPU_NUM_OF_RESERVED_CPU", raising=False)
+    bind_cpu_threads("auto")                       # vLLM's own default: nothing set
+    assert "VLLM_CPU_OMP_THREADS_BIND" not in os.environ
+    bind_cpu_threads("all")
+    assert os.environ["VLLM_CPU_OMP_THREADS_BIND"] == f"0-{os.cpu_count() - 1}"
+    assert os.environ["VLLM_CPU_NUM_OF_RESERVED_CPU"] == "0"
+    with pytest.raises(ValueError):
+        bind_cpu_threads("everything")
+    with pytest.raises(ValidationError):
+        Settings(vllm_cpu_threads="lots")
+    assert Settings(vllm_cpu_threads="0,1").vllm_cpu_threads == "0,1"

@@ -33,7 +33,7 @@ run: assets
 	$(VENV)/bin/moerge serve
 
 test: assets
-	bash scripts/pytest.sh tests
+	bash scripts/pytest.sh tests --durations=12
 
 test-fast: install
 	bash scripts/pytest.sh tests -m "not slow"

@@ -30,6 +30,18 @@ def _toml_path() -> Path:
     return Path(os.environ.get("MOERGE_CONFIG", "moerge.toml"))
 
 
+def cpu_core_list(spec: str) -> str | None:
+    """`vllm_cpu_threads` as vLLM's core list: None for "auto" (vLLM decides), "0-N" for "all",
+    a list like "0-3" or "0,2" as given; anything else is a ValueError."""
+    if spec == "auto":
+        return None
+    if spec == "all":
+        return f"0-{(os.cpu_count() or 1) - 1}"
+    if not spec or not all(p.replace("-", "").isdigit() for p in spec.split(",")):
+        raise ValueError(f"vllm cpu threads must be auto, all or a core list like 0-3 or 0,2, not {spec!r}")
+    return spec
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="MOERGE_", extra="forbid")
 
@@ -57,8 +69,7 @@ class Settings(BaseSettings):
     @field_validator("vllm_cpu_threads")
     @classmethod
     def _cores(cls, v: str) -> str:
-        if v not in ("auto", "all") and not all(p.replace("-", "").isdigit() for p in v.split(",")):
-            raise ValueError("must be auto, all or a core list like 0-3 or 0,2")
+        cpu_core_list(v)
         return v
     max_new_tokens_limit: int = 1024
     max_request_bytes: int = 32 * 1024 * 1024

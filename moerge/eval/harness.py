@@ -71,16 +71,12 @@ class Evaluator:
         self.engine_rows: dict[str, int] = {"reference": 0, "vllm": 0}
 
     def _fast_target(self, d: RoutingDecision) -> tuple[bool, str | None]:
-        """(runs on the fast engine, adapter name or None for the base model)."""
+        """(runs on the fast engine, adapter name or None for the base model): vLLM's own rule."""
         if self.fast is None:
             return False, None
-        if d.abstained or not d.chosen:
-            return True, None
-        if d.granularity == "sequence" and len(d.chosen) == 1:
-            card = self.pool.get(d.chosen[0])
-            if card.kind == "lora" and (card.rank or 0) <= self.fast.max_lora_rank:
-                return True, card.name
-        return False, None
+        from moerge.executors.vllm_engine import vllm_target
+        adapter, why = vllm_target(d, self.pool, self.fast.max_lora_rank)
+        return not why, adapter
 
     def generate(self, samples, decisions, router, max_tokens: int) -> list[dict]:
         """One record per sample: text, tokens, seconds, layer_usage, engine (cached by engine + plan)."""

@@ -72,12 +72,8 @@ class RoutedLoraLinear(torch.nn.Module):
         """Token gating for rows with the same gates: one logits matmul, per-row bias, top-k."""
         first = rows[members[0]]
         pos, gates = first.gates[self.name]
-        if len(members) == len(rows):
-            tok = None
-            x = xt
-        else:
-            tok = torch.cat([torch.arange(i * per_row, (i + 1) * per_row) for i in members])
-            x = xt[tok]
+        tok = _token_index(members, per_row, len(rows))
+        x = xt if tok is None else xt[tok]
         bias = None
         if any(rows[i].bias for i in members):
             per_row_bias = torch.stack([torch.tensor(rows[i].bias, dtype=torch.float32)[pos] if rows[i].bias
@@ -134,13 +130,20 @@ class RoutedLoraLinear(torch.nn.Module):
                 dense_groups.setdefault(id(row.dense[self.name]), []).append(i)
         for members in dense_groups.values():           # rows with the same dense update: one matmul
             d = rows[members[0]].dense[self.name].to(xt.dtype)
-            if len(members) == len(rows):
+            tok = _token_index(members, per_row, len(rows))
+            if tok is None:
                 delta += xt @ d.T
             else:
-                tok = torch.cat([torch.arange(i * per_row, (i + 1) * per_row) for i in members])
                 delta[tok] += xt[tok] @ d.T
         for members in token_groups.values():
             self._gate_rows(xt, rows, members, per_row, weights, ids)
         if any_lora and len(self.scaling):
             delta += self._mixture(xt, weights.to(xt.dtype), ids)
         return y + delta.reshape(*shape[:-1], -1).to(y.dtype)
+
+
+def _token_index(members: list[int], per_row: int, n_rows: int) -> torch.Tensor | None:
+    """Flattened token positions of the rows in `members`; None when that is every row."""
+    if len(members) == n_rows:
+        return None
+    return torch.cat([torch.arange(i * per_row, (i + 1) * per_row) for i in members])

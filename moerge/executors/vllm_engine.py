@@ -19,26 +19,39 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+from moerge.config import cpu_core_list
 from moerge.executors.base import Generation, SamplingParams, StreamDelta
 
 log = logging.getLogger("moerge.vllm")
+
+
+def vllm_target(decision, pool, max_lora_rank: int) -> tuple[str | None, str]:
+    """What vLLM runs for a routing decision: (None, "") the base model, (name, "") one LoRA
+    adapter, or (None, why not) for plans it cannot run (they go to the reference engine)."""
+    d = decision
+    if d is None or d.abstained or not d.chosen:
+        return None, ""
+    if d.granularity != "sequence" or len(d.chosen) != 1:
+        return None, f"{d.granularity}-level plans run in the reference engine"
+    card = pool.get(d.chosen[0])
+    if card.kind != "lora":
+        return None, f"{card.kind} experts do not run in vLLM"
+    if (card.rank or 0) > max_lora_rank:
+        return None, f"rank {card.rank} is above the engine's max_lora_rank {max_lora_rank}"
+    return card.name, ""
 
 
 def bind_cpu_threads(spec: str) -> None:
     """Which cores vLLM's CPU worker computes on; read by the engine process when it starts.
 
     "auto" keeps vLLM's default (it reserves a core for the front end: on 2 cores it computes
-    on one). "all" uses every core: on this 2-core machine 1.5× the tokens/s of "auto" for a
+    on one). "all" uses every core: on this 2-core machine 1.55× the tokens/s of "auto" for a
     48-request batch (README, Benchmarks), at the cost of sharing the cores with the server.
     """
-    if spec == "auto":
-        return
-    if spec == "all":
-        spec = f"0-{(os.cpu_count() or 1) - 1}"
-    if not all(part.replace("-", "").isdigit() for part in spec.split(",")):
-        raise ValueError(f"vllm cpu threads must be auto, all or a core list like 0-3, not {spec!r}")
-    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = spec
-    os.environ["VLLM_CPU_NUM_OF_RESERVED_CPU"] = "0"
+    cores = cpu_core_list(spec)
+    if cores is not None:
+        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = cores
+        os.environ["VLLM_CPU_NUM_OF_RESERVED_CPU"] = "0"
 
 
 class VllmExecutor:
@@ -116,34 +129,21 @@ class VllmExecutor:
         return LoRARequest(lora_name=f"{name}@{key[1][:12]}", lora_int_id=self._ids[key],
                            lora_path=str(self.pool.adapter_dir(card)))
 
-    def can_run(self, plan) -> tuple[bool, str]:
-        if not self.ready():
-            return False, "vLLM engine still starting"
+    def _route(self, plan) -> str | None:
+        """"base", an adapter name, or None when the plan goes to the fallback (reason recorded)."""
         d = plan.decision if plan is not None else None
-        if d is None or d.abstained or not d.chosen:
-            return True, ""
-        if d.granularity != "sequence" or len(d.chosen) != 1:
-            return False, f"{d.granularity}-level plans run in the reference engine"
-        card = self.pool.get(d.chosen[0])
-        if card.kind != "lora":
-            return False, f"{card.kind} experts do not run in vLLM"
-        if (card.rank or 0) > self.max_lora_rank:
-            return False, f"rank {card.rank} is above the engine's max_lora_rank {self.max_lora_rank}"
-        return True, ""
-
-    def _route(self, plan):
-        ok, why = self.can_run(plan)
-        if not ok:
+        adapter, why = (vllm_target(d, self.pool, self.max_lora_rank) if self.ready()
+                        else (None, "vLLM engine still starting"))
+        if why:
             if self.fallback is None:
                 raise RuntimeError(why)
-            if plan is not None:
-                plan.decision.detail["executor"] = self.fallback.name
-                plan.decision.detail["executor_reason"] = why
+            if d is not None:
+                d.detail["executor"] = self.fallback.name
+                d.detail["executor_reason"] = why
             return None
-        if plan is not None:
-            plan.decision.detail["executor"] = "vllm"
-        d = plan.decision if plan is not None else None
-        return "base" if d is None or d.abstained or not d.chosen else d.chosen[0]
+        if d is not None:
+            d.detail["executor"] = "vllm"
+        return adapter or "base"
 
     def _sampling(self, params: SamplingParams):
         from vllm import SamplingParams as VSP

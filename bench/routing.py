@@ -13,9 +13,9 @@ from rich.console import Console
 from rich.table import Table
 
 from moerge.config import Settings
-from moerge.eval.tasks import HELD_IN, get_task, out_of_domain_prompts
 from moerge.executors.base import SamplingParams
 from moerge.router.base import RoutingDecision, make_router
+from moerge.tasks import HELD_IN, get_task, out_of_domain_prompts
 
 console = Console(width=150)
 

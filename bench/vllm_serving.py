@@ -32,7 +32,7 @@ from moerge.experts.pool import open_pool
 from moerge.experts.bundled import load_bundled
 from moerge.executors.vllm_engine import VllmExecutor
 from moerge.executors.base import SamplingParams
-from moerge.eval.tasks import HELD_IN, get_task
+from moerge.tasks import HELD_IN, get_task
 if __name__ == "__main__":
     s = Settings(pool_dir=Path(tempfile.mkdtemp()), bundled_pool=True)
     a = ensure_assets(s)

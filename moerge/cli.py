@@ -246,7 +246,7 @@ def calibrate(out: Optional[Path] = typer.Option(None, "--out", help="default: t
               alpha: bool = typer.Option(True, "--alpha/--no-alpha",
                                          help="also choose glider's α on held-in development prompts")) -> None:
     """Calibrate abstain thresholds (out-of-domain calibration half vs in-domain prompts) and glider's α."""
-    from moerge.eval.tasks import out_of_domain_prompts
+    from moerge.tasks import out_of_domain_prompts
     from moerge.router.calibrate import calibrate as run
     from moerge.router.calibrate import calibrate_alpha
     from moerge.router.context import CALIBRATION_FILE
@@ -285,7 +285,7 @@ def eval_cmd(
     """Evaluate routing methods side by side (or an OpenAI-compatible endpoint)."""
     if engine not in ("auto", "reference"):
         fail(f"--engine must be auto or reference, not {engine!r}")
-    from moerge.eval.tasks import HELD_IN, HELD_OUT, get_task
+    from moerge.tasks import HELD_IN, HELD_OUT, get_task
     task_list = list(tasks) if tasks else HELD_IN + HELD_OUT
     for t in task_list:
         get_task(t)

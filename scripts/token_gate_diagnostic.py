@@ -28,7 +28,7 @@ def main() -> None:
     from moerge.config import get_settings
     from moerge.eval.harness import EVAL_SEED
     from moerge.eval.run import prepare
-    from moerge.eval.tasks import HELD_IN, get_task, out_of_domain_prompts
+    from moerge.tasks import HELD_IN, get_task, out_of_domain_prompts
     from moerge.router.calibrate import ood_split
     from moerge.kernels.gating import gate_logits
     from moerge.router.base import make_router

@@ -11,7 +11,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from moerge.eval.harness import EVAL_SEED, _summarise
-from moerge.eval.tasks import get_task
+from moerge.tasks import get_task
 
 
 def evaluate_endpoint(url: str, model: str, tasks: list[str], n: int, out: Path, api_key: str = "none",

@@ -10,7 +10,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from moerge.eval.tasks import HELD_IN, HELD_OUT  # noqa: E402
+from moerge.tasks import HELD_IN, HELD_OUT  # noqa: E402
 
 
 def _fmt(v, pct=True) -> str:

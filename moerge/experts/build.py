@@ -15,10 +15,10 @@ from pathlib import Path
 import torch
 
 from moerge.config import BASE_MODEL_ID
-from moerge.eval.tasks import HELD_IN, get_task
 from moerge.experts.gates import gates_to_bytes, train_gate
 from moerge.experts.lora import base_spec_from_folder, load_lora
 from moerge.experts.training import TrainConfig, accuracy, load_tokenizer, train_lora
+from moerge.tasks import HELD_IN, get_task
 
 EVAL_SEED = 20261124     # evaluation paraphrases: never used for training or early stopping
 GATE_SEED = 7

@@ -36,7 +36,7 @@ def best_threshold(in_scores: list[float], out_scores: list[float]) -> tuple[flo
 def in_domain_prompts(pool, per_expert: int = 12) -> list[str]:
     """Fresh prompts for each expert: generated from its task's training templates when the
     expert names a known task, else its stored example prompts."""
-    from moerge.eval.tasks import BY_NAME
+    from moerge.tasks import BY_NAME
     out = []
     for card in pool.list():
         task = (card.extra or {}).get("task")
@@ -76,7 +76,7 @@ def calibrate_alpha(ctx, engine, *, alphas=ALPHA_GRID, per_task: int = 4, seed: 
     what helps unseen tasks in GLIDER). Returns (α, {α: accuracy, ...}); (None, {}) when the
     pool has no expert with a known task.
     """
-    from moerge.eval.tasks import BY_NAME
+    from moerge.tasks import BY_NAME
     from moerge.executors.base import SamplingParams
     from moerge.router.glider import GliderRouter
 

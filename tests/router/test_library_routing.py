@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from moerge.eval.harness import EVAL_SEED
-from moerge.eval.tasks import HELD_IN, get_task, out_of_domain_prompts
 from moerge.router.base import make_router
+from moerge.tasks import HELD_IN, get_task, out_of_domain_prompts
 
 
 @pytest.fixture(scope="module")

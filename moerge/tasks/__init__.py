@@ -2,8 +2,8 @@
 
 from pathlib import Path
 
-from moerge.eval.tasks.base import Sample, Task, normalise
-from moerge.eval.tasks.suite import BY_NAME, HELD_IN, HELD_OUT, TASKS, get_task
+from moerge.tasks.base import Sample, Task, normalise
+from moerge.tasks.suite import BY_NAME, HELD_IN, HELD_OUT, TASKS, get_task
 
 
 def out_of_domain_prompts() -> list[str]:

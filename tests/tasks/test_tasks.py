@@ -7,8 +7,8 @@ import re
 
 import pytest
 
-from moerge.eval.tasks import HELD_IN, HELD_OUT, TASKS, get_task, normalise, out_of_domain_prompts
-from moerge.eval.tasks.vocab import COUNTRY_CAPITALS, number_to_words
+from moerge.tasks import HELD_IN, HELD_OUT, TASKS, get_task, normalise, out_of_domain_prompts
+from moerge.tasks.vocab import COUNTRY_CAPITALS, number_to_words
 
 
 def perturb(task, answer: str) -> str:

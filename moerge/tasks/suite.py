@@ -6,8 +6,8 @@ import datetime as dt
 import json
 import random
 
-from moerge.eval.tasks import vocab as V
-from moerge.eval.tasks.base import Task
+from moerge.tasks import vocab as V
+from moerge.tasks.base import Task
 
 
 def _date(rng: random.Random) -> dt.date:

@@ -32,6 +32,7 @@ from moerge.experts.pool import open_pool
 from moerge.experts.bundled import load_bundled
 from moerge.executors.vllm_engine import VllmExecutor
 from moerge.executors.base import SamplingParams
+from moerge.models.chat import encode_chat
 from moerge.tasks import HELD_IN, get_task
 if __name__ == "__main__":
     s = Settings(pool_dir=Path(tempfile.mkdtemp()), bundled_pool=True)
@@ -44,8 +45,7 @@ if __name__ == "__main__":
     vx.wait_ready(900)
     tok = vx.tokenizer
     prompts = [s.prompt for t in HELD_IN for s in get_task(t).samples(4, 1, "eval")][:{N_PROMPTS}]
-    ids = [tok.apply_chat_template([{{"role": "user", "content": p}}], add_generation_prompt=True, tokenize=True,
-                                   return_dict=True)["input_ids"] for p in prompts]
+    ids = [encode_chat(tok, [{{"role": "user", "content": p}}]) for p in prompts]
     params = SamplingParams(max_tokens={NEW_TOKENS}, ignore_eos=True)
     def run(adapters):
         jobs = [(ids[i], adapters[i % len(adapters)] if adapters else None) for i in range(len(ids))]

@@ -45,7 +45,7 @@ def real_spec(base_model_dir, real_settings):
 
 @pytest.fixture(scope="session")
 def embedder():
-    from moerge.router.embedder import get_embedder
+    from moerge.models.embedder import get_embedder
     return get_embedder()
 
 

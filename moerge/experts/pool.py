@@ -69,7 +69,7 @@ class ExpertPool:
 
     def embed(self, texts: list[str]) -> np.ndarray:
         if self._embed is None:
-            from moerge.router.embedder import get_embedder
+            from moerge.models.embedder import get_embedder
             self._embed = get_embedder().encode
         return self._embed(texts)
 

@@ -22,6 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from moerge.models.chat import encode_chat, encode_chat_answer, stop_token_ids
 from moerge.tasks import get_task
 
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -59,17 +60,14 @@ def load_tokenizer(base_dir: Path):
     return tok
 
 
-def chat_prompt_ids(tok, prompt: str) -> list[int]:
-    out = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                  tokenize=True, return_dict=True)
-    return list(out["input_ids"])
+def user_turn(prompt: str) -> list[dict]:
+    return [{"role": "user", "content": prompt}]
 
 
 def encode_example(tok, prompt: str, answer: str) -> tuple[list[int], list[int]]:
-    """Token ids and labels; only the answer and the closing <|im_end|> are learned."""
-    p = chat_prompt_ids(tok, prompt)
-    a = tok(answer, add_special_tokens=False)["input_ids"] + [tok.convert_tokens_to_ids("<|im_end|>")]
-    return p + a, [-100] * len(p) + a
+    """Token ids and labels; only the answer and the closing end of turn are learned."""
+    ids, prompt_len = encode_chat_answer(tok, user_turn(prompt), answer)
+    return ids, [-100] * prompt_len + ids[prompt_len:]
 
 
 def collate(rows: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
@@ -88,9 +86,8 @@ def collate(rows: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, t
 def greedy_answers(model, tok, prompts: list[str], max_new_tokens: int = 40, batch_size: int = 32) -> list[str]:
     """Batched greedy decoding through the chat template (left padding)."""
     outs = []
-    im_end = tok.convert_tokens_to_ids("<|im_end|>")
     for i in range(0, len(prompts), batch_size):
-        chunk = [chat_prompt_ids(tok, p) for p in prompts[i:i + batch_size]]
+        chunk = [encode_chat(tok, user_turn(p)) for p in prompts[i:i + batch_size]]
         width = max(map(len, chunk))
         ids = torch.full((len(chunk), width), tok.pad_token_id)
         mask = torch.zeros_like(ids)
@@ -99,7 +96,7 @@ def greedy_answers(model, tok, prompts: list[str], max_new_tokens: int = 40, bat
             mask[j, width - len(c):] = 1
         with torch.autocast("cpu", dtype=torch.bfloat16):
             gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-                                 eos_token_id=[im_end, tok.eos_token_id], pad_token_id=tok.pad_token_id)
+                                 eos_token_id=stop_token_ids(tok), pad_token_id=tok.pad_token_id)
         outs += tok.batch_decode(gen[:, width:], skip_special_tokens=True)
     return outs
 

@@ -9,7 +9,7 @@ from moerge.router.context import Calibration, RouterContext
 
 def build_context(pool, base_dir: Path | None, *, embedder_path: str | None = None,
                   calibration: Calibration | None = None, with_writer: bool = True) -> RouterContext:
-    from moerge.router.embedder import get_embedder
+    from moerge.models.embedder import get_embedder
     embedder = get_embedder(embedder_path)
     writer = None
     if with_writer and base_dir is not None:

@@ -12,6 +12,8 @@ from collections import OrderedDict
 
 import torch
 
+from moerge.models.chat import encode_chat, stop_token_ids
+
 SYSTEM = ("You describe tasks. Given a user request, reply with one short sentence saying what kind of "
           "task it is, as an instruction. Do not answer the request.")
 FEW_SHOT = [
@@ -45,12 +47,11 @@ class InstructionWriter:
 
     @torch.inference_mode()
     def _generate(self, query: str) -> str:
-        ids = self.tok.apply_chat_template(self._messages(query), add_generation_prompt=True, tokenize=True,
-                                           return_dict=True, return_tensors="pt")
-        im_end = self.tok.convert_tokens_to_ids("<|im_end|>")
-        out = self.model.generate(**ids, max_new_tokens=self.max_new_tokens, do_sample=False,
-                                  eos_token_id=[im_end, self.tok.eos_token_id], pad_token_id=self.tok.pad_token_id)
-        text = self.tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+        ids = torch.tensor([encode_chat(self.tok, self._messages(query))])   # [1, prompt_len]
+        out = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                  max_new_tokens=self.max_new_tokens, do_sample=False,
+                                  eos_token_id=stop_token_ids(self.tok), pad_token_id=self.tok.pad_token_id)
+        text = self.tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
         return text.split("\n")[0].strip()
 
     def write(self, query: str) -> tuple[str, bool]:

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from moerge.eval.harness import EVAL_SEED
+from moerge.models.chat import encode_chat
 from moerge.router.base import make_router
 from moerge.tasks import HELD_IN, get_task, out_of_domain_prompts
 
@@ -50,9 +51,7 @@ def _activations(base_dir, prompts, module):
     h = model.get_submodule(module).register_forward_hook(lambda m, inp, out: seen.append(inp[0][0]))
     with torch.inference_mode():
         for p in prompts:
-            ids = tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
-                                          return_tensors="pt", return_dict=True)
-            model(**ids)
+            model(input_ids=torch.tensor([encode_chat(tok, [{"role": "user", "content": p}])]))
     h.remove()
     return torch.cat(seen)
 

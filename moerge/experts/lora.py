@@ -128,7 +128,8 @@ def _load_weights(folder: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise AdapterWeightsError(f"{WEIGHTS_NAME} is not a readable safetensors file ({e})")
+        raise AdapterWeightsError(f"{WEIGHTS_NAME} is not a readable safetensors file ({e}): re-save the adapter "
+                                  "with peft's save_pretrained(..., safe_serialization=True)")
 
 
 def _targets(config: dict) -> list[str] | str:
@@ -161,13 +162,14 @@ def load_lora(folder: Path, spec: BaseModelSpec, *, max_rank: int = 256,
     targets = _targets(config)
     r = config.get("r")
     if not isinstance(r, int) or not 1 <= r <= max_rank:
-        raise RankError(f"LoRA rank r={r!r} is out of range: moerge serves ranks 1..{max_rank}")
+        raise RankError(f"LoRA rank r={r!r} is out of range: moerge serves ranks 1..{max_rank}; retrain the "
+                        "adapter with a rank in that range (or raise MOERGE_MAX_LORA_RANK)")
     if isinstance(targets, list):
         missing = sorted(set(targets) - spec.short_names() - set(spec.linear_shapes))
         if missing:
             raise TargetModuleError(
-                f"target modules {missing} do not exist in {spec.model_id}; it has "
-                f"{sorted(spec.short_names())}")
+                f"target modules {missing} do not exist in {spec.model_id}: train the adapter with "
+                f"target_modules from {sorted(spec.short_names())}")
     tensors = _load_weights(folder)
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     for key, t in tensors.items():
@@ -189,7 +191,7 @@ def load_lora(folder: Path, spec: BaseModelSpec, *, max_rank: int = 256,
         if a.ndim != 2 or b.ndim != 2 or a.shape[1] != d_in or b.shape[0] != d_out or a.shape[0] != b.shape[1]:
             raise ShapeMismatchError(
                 f"'{module}': A {tuple(a.shape)} and B {tuple(b.shape)} do not fit the base module "
-                f"[{d_out} x {d_in}]: the adapter was made for a model of another size")
+                f"[{d_out} x {d_in}]: the adapter was made for a model of another size; train it on {spec.model_id}")
         if not 1 <= a.shape[0] <= max_rank:
             raise RankError(f"'{module}' has rank {a.shape[0]}, outside 1..{max_rank}")
         if not (torch.isfinite(a).all() and torch.isfinite(b).all()):

@@ -144,6 +144,27 @@ class _Boom:
         return (open, (self.path, "w"))
 
 
+# case -> (words naming the problem, words saying what to do), matched case-insensitively
+MESSAGES = {
+    "missing config": ("has no adapter_config.json", "save_pretrained"),
+    "unparsable config": ("adapter_config.json is not valid json", "re-save the adapter"),
+    "wrong base": ("trained on 'meta-llama/llama-3.1-8b'", "train the adapter on tiny/llama"),
+    "absent target": ("['w_pack'] do not exist", "train the adapter with target_modules from"),
+    "bad shape": ("q_proj", "train it on tiny/llama"),
+    "rank zero": ("r=0 is out of range", "retrain the adapter with a rank in that range"),
+    "rank huge": ("r=100000 is out of range", "retrain the adapter with a rank in that range"),
+    "nan": ("nan or inf", "retrain it"),
+    "inf": ("nan or inf", "retrain it"),
+    "pickle": ("adapter_model.bin is a pickle", "safe_serialization=true"),
+    "garbage safetensors": ("not a readable safetensors file", "safe_serialization=true"),
+    "slash in name": ("'a/b' contains a path separator", "use letters, digits"),
+    "dotdot in name": ("'..evil' contains a path separator or '..'", "use letters, digits"),
+    "control char in name": ("contains control characters", "use printable letters"),
+    "newline in name": ("contains control characters", "use printable letters"),
+    "reserved name": ("'auto' is reserved", "choose another"),
+    "name taken": ("'taken' already exists", "choose another name"),
+}
+
 CASES = ["missing config", "unparsable config", "wrong base", "absent target", "bad shape", "rank zero",
          "rank huge", "nan", "inf", "pickle", "garbage safetensors", "slash in name", "dotdot in name",
          "control char in name", "newline in name", "reserved name", "name taken"]
@@ -160,7 +181,9 @@ def test_bad_adapter_is_refused_with_message_and_pool_unchanged(case, tmp_path, 
     before = tree_snapshot(tiny_pool.root)
     with pytest.raises(error) as info:
         tiny_pool.register_lora(folder, name, "a bad one")
-    assert info.value.message and len(info.value.message) > 20
+    problem, remedy = MESSAGES[case]
+    assert problem in info.value.message.lower(), info.value.message
+    assert remedy in info.value.message.lower(), info.value.message
     assert tree_snapshot(tiny_pool.root) == before
     assert tiny_pool.names() == ["taken"]
     assert not (tmp_path / "unpickled").exists()

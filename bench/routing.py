@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 from moerge.config import Settings
-from moerge.executors.base import SamplingParams
+from moerge.models.generation import SamplingParams
 from moerge.router.base import RoutingDecision, make_router
 from moerge.tasks import HELD_IN, get_task, out_of_domain_prompts
 

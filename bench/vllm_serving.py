@@ -31,7 +31,7 @@ from moerge.assets import ensure_assets
 from moerge.experts.pool import open_pool
 from moerge.experts.bundled import load_bundled
 from moerge.executors.vllm_engine import VllmExecutor
-from moerge.executors.base import SamplingParams
+from moerge.models.generation import SamplingParams
 from moerge.models.chat import encode_chat
 from moerge.tasks import HELD_IN, get_task
 if __name__ == "__main__":
@@ -96,7 +96,7 @@ def run_service_latency(n: int = 40) -> dict:
     import uvicorn
 
     from moerge.config import Settings
-    from moerge.executors.base import SamplingParams
+    from moerge.models.generation import SamplingParams
     from moerge.service.app import create_app
     from moerge.service.factory import build_runtime
 

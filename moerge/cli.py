@@ -258,8 +258,15 @@ def calibrate(out: Optional[Path] = typer.Option(None, "--out", help="default: t
         from moerge.assets import ensure_base_model
         from moerge.executors.routed import RoutedEngine
         ctx.calibration = cal          # glider reads the fresh glider-global threshold
+        from moerge.models.chat import encode_chat
         engine = RoutedEngine.from_folder(ensure_base_model(get_settings()), ctx.pool)
-        cal.alpha, cal.detail["glider_alpha"] = calibrate_alpha(ctx, engine, progress=err.print)
+
+        def answer(router, prompts, params):
+            ids = [encode_chat(engine.tok, [{"role": "user", "content": p}]) for p in prompts]
+            plans = [engine.row_plan(router.route(p), router) for p in prompts]
+            return [r.text for r in engine.generate_batch(ids, plans, params)]
+
+        cal.alpha, cal.detail["glider_alpha"] = calibrate_alpha(ctx, answer, engine.tok, progress=err.print)
         console.print(f"glider: α = {cal.alpha}  {cal.detail.get('glider_alpha')}")
     else:
         cal.alpha = ctx.calibration.alpha
@@ -340,7 +347,7 @@ def chat(prompt: str, model: str = typer.Option("auto", "--model", "-m", help="a
         body = r.json()
         text, info = body["choices"][0]["message"]["content"], body.get("moerge", {})
     else:
-        from moerge.executors.base import SamplingParams
+        from moerge.models.generation import SamplingParams
         from moerge.service.factory import build_runtime
         runtime = build_runtime(get_settings(), progress=lambda m: err.print(m))
         plan = runtime.plan(model, messages)

@@ -19,7 +19,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from moerge.eval.cache import GenerationCache
-from moerge.executors.base import SamplingParams
+from moerge.models.generation import SamplingParams
 from moerge.router.base import RoutingDecision, make_router
 from moerge.router.calibrate import ood_split
 from moerge.tasks import HELD_IN, HELD_OUT, get_task, out_of_domain_prompts

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from moerge.models.generation import SamplingParams
 from moerge.router.base import make_router
 from moerge.router.context import Calibration
 
@@ -66,19 +67,20 @@ def calibrate(ctx, ood_prompts: list[str], methods=SEQUENCE_METHODS) -> Calibrat
 ALPHA_GRID = (1.0, 3.0, 10.0, 30.0, 100.0)
 
 
-def calibrate_alpha(ctx, engine, *, alphas=ALPHA_GRID, per_task: int = 4, seed: int = 778,
+def calibrate_alpha(ctx, answer, tokenizer, *, alphas=ALPHA_GRID, per_task: int = 4, seed: int = 778,
                     batch_size: int = 16, progress=None) -> tuple[float | None, dict]:
     """Choose glider's α on development prompts: each held-in expert's task, fresh samples of its
     *training* templates (the evaluation paraphrases and the held-out tasks are never used).
 
-    Every α in `alphas` answers the same prompts greedily in the routed engine; the α with the
-    highest accuracy wins, ties going to the smaller α (more room for token routing, which is
-    what helps unseen tasks in GLIDER). Returns (α, {α: accuracy, ...}); (None, {}) when the
-    pool has no expert with a known task.
+    `answer(router, prompts, params) -> list[str]` is the caller's engine: it answers the user
+    prompts, each routed by `router`, with `params` (greedy). `tokenizer` sizes the answers.
+    Every α in `alphas` answers the same prompts; the α with the highest accuracy wins, ties
+    going to the smaller α (more room for token routing, which is what helps unseen tasks in
+    GLIDER). Returns (α, {α: accuracy, ...}); (None, {}) when the pool has no expert with a
+    known task.
     """
-    from moerge.tasks import BY_NAME
-    from moerge.executors.base import SamplingParams
     from moerge.router.glider import GliderRouter
+    from moerge.tasks import BY_NAME
 
     samples = []
     for card in ctx.pool.list():
@@ -87,17 +89,16 @@ def calibrate_alpha(ctx, engine, *, alphas=ALPHA_GRID, per_task: int = 4, seed: 
             samples += [(task, s) for s in task.samples(per_task, seed, "train")]
     if not samples:
         return None, {}
-    prompts = [engine.encode_chat([{"role": "user", "content": s.prompt}]) for _, s in samples]
-    max_tokens = max(len(engine.tok(s.answer)["input_ids"]) for _, s in samples) + 6
+    max_tokens = max(len(tokenizer(s.answer)["input_ids"]) for _, s in samples) + 6
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
     scores: dict[str, float] = {}
     for a in alphas:
         router = GliderRouter(alpha=float(a)).fit(ctx)
-        plans = [engine.row_plan(router.route(s.prompt), router) for _, s in samples]
         correct = 0
         for j in range(0, len(samples), batch_size):
-            out = engine.generate_batch(prompts[j:j + batch_size], plans[j:j + batch_size], params)
-            correct += sum(t.score(r.text, s.answer) for (t, s), r in zip(samples[j:j + batch_size], out))
+            chunk = samples[j:j + batch_size]
+            texts = answer(router, [s.prompt for _, s in chunk], params)
+            correct += sum(t.score(text, s.answer) for (t, s), text in zip(chunk, texts))
         scores[f"{float(a):g}"] = round(correct / len(samples), 4)
         if progress:
             progress(f"glider α={a:g}: {scores[f'{float(a):g}']:.3f} on {len(samples)} development prompts")

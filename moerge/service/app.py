@@ -15,8 +15,8 @@ from pydantic import BaseModel
 from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
 
 from moerge.config import Settings
-from moerge.executors.base import SamplingParams
 from moerge.experts.errors import ExpertError
+from moerge.models.generation import SamplingParams
 from moerge.service.experts_api import build_router
 from moerge.service.ops import BodySizeLimit, KeyCheck, Metrics, RateLimiter
 from moerge.service.runtime import Runtime

@@ -6,9 +6,9 @@ import time
 from dataclasses import dataclass, field
 
 from moerge.config import Settings
-from moerge.executors.base import Generation, SamplingParams
 from moerge.experts.errors import ExpertError, UnknownExpertError
 from moerge.experts.pool import ExpertPool
+from moerge.models.generation import Generation, SamplingParams
 from moerge.router.base import ExpertScore, RoutingDecision, make_router, method_names, query_text
 
 

@@ -6,10 +6,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from moerge.executors.base import SamplingParams
 from moerge.executors.routed import RoutedEngine
 from moerge.experts.lora import base_spec_from_folder, load_lora
 from moerge.experts.pool import ExpertPool
+from moerge.models.generation import SamplingParams
 from moerge.router.base import RoutingDecision
 from moerge.router.merge import merge_cat, merge_linear, merge_ties
 from tests.helpers import make_lora

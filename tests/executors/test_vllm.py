@@ -7,7 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from moerge.executors.base import SamplingParams
+from moerge.models.generation import SamplingParams
 from moerge.router.base import RoutingDecision
 from moerge.service.runtime import Plan
 from tests.helpers import make_lora

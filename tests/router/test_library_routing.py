@@ -102,7 +102,13 @@ def test_calibrate_alpha_picks_the_best_alpha_on_development_prompts(library_ctx
     from moerge.executors.routed import RoutedEngine
     from moerge.router.calibrate import calibrate_alpha
     engine = RoutedEngine.from_folder(base_model_dir, library_ctx.pool)
-    alpha, detail = calibrate_alpha(library_ctx, engine, alphas=(1.0, 100.0), per_task=1)
+
+    def answer(router, prompts, params):
+        ids = [encode_chat(engine.tok, [{"role": "user", "content": p}]) for p in prompts]
+        plans = [engine.row_plan(router.route(p), router) for p in prompts]
+        return [r.text for r in engine.generate_batch(ids, plans, params)]
+
+    alpha, detail = calibrate_alpha(library_ctx, answer, engine.tok, alphas=(1.0, 100.0), per_task=1)
     acc = detail["accuracy_by_alpha"]
     assert set(acc) == {"1", "100"} and detail["n"] == 12
     assert acc[f"{alpha:g}"] == max(acc.values())

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import pytest
 
@@ -75,11 +78,38 @@ def test_sigkill_during_registration_leaves_no_trace(stage, tmp_path, tiny_base,
         assert child.poll() is None, "child exited before reaching the kill point"
         assert time.time() < deadline
         time.sleep(0.05)
+    _assert_killed_at(stage, root, before, adapter)
     os.kill(child.pid, signal.SIGKILL)
     child.wait()
-    assert tree_snapshot(root) != before or stage == "db"  # the crash did leave something behind
+    assert tree_snapshot(root) != before  # the crash did leave something behind
 
     reopened = ExpertPool(root, f"sqlite:///{root}/registry.sqlite", tiny_spec, embed=embedder.encode)
     assert reopened.names() == ["survivor"]
-    reopened.close()
     assert tree_snapshot(root, ignore=(".lock",)) == before
+    # and the pool still works: the killed registration can be made again, the survivor still loads
+    reopened.register_lora(adapter, "victim", "registered after the crash")
+    assert reopened.names() == ["survivor", "victim"]
+    assert reopened.lora_weights(reopened.get("survivor"))
+    reopened.close()
+
+
+def _blobs(root) -> set[str]:
+    return {p.name for p in (root / "blobs").glob("*/*")}
+
+
+def _assert_killed_at(stage, root, before, adapter):
+    """The child is where its stage says it is: nothing committed yet, and the expected debris present."""
+    db = root / "registry.sqlite"
+    with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as conn:  # what another process sees
+        assert [r[0] for r in conn.execute("select name from experts")] == ["survivor"]
+    old_blobs = {k.rsplit("/", 1)[-1] for k in before if k.startswith("blobs/")}
+    new_blobs = _blobs(root) - old_blobs
+    weights = hashlib.sha256((adapter / "adapter_model.safetensors").read_bytes()).hexdigest()
+    if stage == "copy":            # a partial staging file, nothing published
+        assert (root / "staging" / "w.part").stat().st_size == 100
+        assert not new_blobs
+    elif stage == "publish":       # exactly one blob at its content address, the rest not yet
+        assert len(new_blobs) == 1
+    elif stage == "db":            # every blob published, the row written inside an open transaction
+        assert weights in new_blobs and len(new_blobs) >= 4
+        assert Path(f"{db}-journal").exists()

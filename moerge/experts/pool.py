@@ -29,7 +29,7 @@ from moerge.experts.lora import BaseModelSpec, LoraAdapter, load_lora
 from moerge.experts.model_ref import validate_model_expert
 from moerge.experts.registry import Registry
 from moerge.experts.store import ArtifactStore
-from moerge.router.arrow_prototypes import arrow_prototypes
+from moerge.kernels.arrow import arrow_prototypes
 
 EmbedFn = Callable[[list[str]], np.ndarray]
 ChangeListener = Callable[[str, str], None]  # (event, name): "added" | "updated" | "removed"

@@ -9,9 +9,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from moerge.executors.routed import RoutedEngine
 from moerge.experts.lora import base_spec_from_folder, load_lora
 from moerge.experts.pool import ExpertPool
+from moerge.kernels.merge import merge_cat, merge_linear, merge_ties
 from moerge.models.generation import SamplingParams
 from moerge.router.base import RoutingDecision
-from moerge.router.merge import merge_cat, merge_linear, merge_ties
 from tests.helpers import make_lora
 
 NAMES = ["e0", "e1", "e2"]

@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from moerge.experts import errors as E
 from moerge.experts.pool import ExpertPool
-from moerge.router.arrow_prototypes import top_right_singular_vector
+from moerge.kernels.arrow import top_right_singular_vector
 from tests.helpers import make_lora, tree_snapshot
 
 

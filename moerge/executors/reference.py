@@ -1,8 +1,8 @@
-"""Reference executor: every plan (base, one adapter, merges, token-level mixtures) runs in the
-routed transformers engine (moerge/executors/routed.py), one request at a time.
+"""Reference executor: every LoRA plan (base, one adapter, static and token mixtures, dense
+deltas) runs in the routed transformers engine (moerge/executors/routed.py), one request at a time.
 
-It is the ground truth the vLLM executor is checked against, and where token-level plans
-run until they run inside vLLM.
+It is the plain and obvious oracle the vLLM executor is checked against, and the engine for
+TIES (dense-delta) plans.
 """
 
 from __future__ import annotations
@@ -12,25 +12,33 @@ from pathlib import Path
 
 import torch
 
-from moerge.executors.base import Generation, SamplingParams, StreamDelta
 from moerge.executors.routed import RoutedEngine
+from moerge.models.generation import Generation, SamplingParams, StreamDelta
+from moerge.plan import EngineCaps, ExecutionPlan
 
 
 class ReferenceExecutor:
     name = "reference"
 
-    def __init__(self, model_dir: Path, pool, dtype: torch.dtype = torch.float32):
-        self.engine = RoutedEngine.from_folder(model_dir, pool, dtype)
+    def __init__(self, model_dir: Path, dtype: torch.dtype = torch.float32):
+        self.engine = RoutedEngine.from_folder(model_dir, dtype)
         self.tokenizer = self.engine.tok
 
     def ready(self) -> bool:
         return True
 
-    def stream(self, messages: list[dict], params: SamplingParams, plan=None) -> Iterator[StreamDelta]:
-        decision = plan.decision if plan is not None else None
-        router = plan.router if plan is not None else None
+    def caps(self) -> EngineCaps:
+        return EngineCaps("reference")
+
+    def describe(self) -> dict:
+        return {"engine": "reference", "ready": True, "resident_experts": list(self.engine._experts)}
+
+    def complete(self, messages: list[dict], max_tokens: int) -> str:
+        return self.generate(messages, SamplingParams(max_tokens=max_tokens), ExecutionPlan("base")).text
+
+    def stream(self, messages: list[dict], params: SamplingParams, plan: ExecutionPlan) -> Iterator[StreamDelta]:
         prompt = self.engine.encode_chat(messages)
-        row = self.engine.row_plan(decision, router)
+        row = self.engine.row_plan(plan)
         it = self.engine.iter_batch([prompt], [row], params)
         tokens: list[int] = []
         sent = ""
@@ -50,16 +58,22 @@ class ReferenceExecutor:
             it.close()
         if len(result.text) > len(sent):
             yield StreamDelta(text=result.text[len(sent):])
-        if decision is not None and result.layer_usage:
-            decision.layer_usage = result.layer_usage
         yield StreamDelta(text="", finish_reason=result.finish_reason, prompt_tokens=result.prompt_tokens,
-                          completion_tokens=len(result.tokens))
+                          completion_tokens=len(result.tokens), layer_usage=result.layer_usage)
 
-    def generate(self, messages: list[dict], params: SamplingParams, plan=None) -> Generation:
-        decision = plan.decision if plan is not None else None
-        router = plan.router if plan is not None else None
-        gen, _ = self.engine.generate(messages, params, decision, router)
-        return gen
+    def generate(self, messages: list[dict], params: SamplingParams, plan: ExecutionPlan) -> Generation:
+        return self.engine.generate(messages, params, plan)
+
+    def generate_many(self, prompts: list[list[int]], params: SamplingParams, plans: list[ExecutionPlan],
+                      batch_size: int = 16) -> list[Generation]:
+        """Rows in batches of `batch_size`, each row under its own plan."""
+        out = []
+        for i in range(0, len(prompts), batch_size):
+            rows = [self.engine.row_plan(p) for p in plans[i:i + batch_size]]
+            for r in self.engine.generate_batch(prompts[i:i + batch_size], rows, params):
+                out.append(Generation(r.text, r.prompt_tokens, len(r.tokens), r.finish_reason,
+                                      layer_usage=r.layer_usage, token_ids=list(r.tokens)))
+        return out
 
 
 def _visible(text: str, stops: list[str]) -> str:

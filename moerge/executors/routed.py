@@ -10,14 +10,17 @@ from __future__ import annotations
 
 import re
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
 
-from moerge.executors.base import Generation, SamplingParams
+from moerge.executors.expert_weights import LoadedExpert, load_expert
 from moerge.executors.routed_layer import BatchState, RoutedLoraLinear, RowPlan
-from moerge.router.base import RoutingDecision
-from moerge.router.merge import MERGES
+from moerge.kernels.merge import MERGES
+from moerge.models.chat import encode_chat, stop_token_ids
+from moerge.models.generation import Generation, SamplingParams
+from moerge.plan import ExecutionPlan, PlanError
 
 _LAYER_RE = re.compile(r"layers\.(\d+)\.")
 
@@ -32,34 +35,29 @@ class RowResult:
 
 
 class RoutedEngine:
-    def __init__(self, model, tokenizer, pool, dtype: torch.dtype = torch.float32):
+    def __init__(self, model, tokenizer, dtype: torch.dtype = torch.float32, capacity: int = 256):
         self.model = model.to(dtype).eval()
         self.tok = tokenizer
-        self.pool = pool
         self.dtype = dtype
         self.state = BatchState()
         self.layers: dict[str, RoutedLoraLinear] = {}
         self.expert_names: list[str] = []
-        self._version = None
+        self.capacity = capacity
+        self._experts: OrderedDict[str, LoadedExpert] = OrderedDict()
+        self._index: dict[str, int] = {}
         self._dense_cache: dict[str, dict[str, torch.Tensor]] = {}
+        self._gate_cache: dict[tuple, dict] = {}
         self._lock = threading.RLock()       # expert tables
         self._gen_lock = threading.Lock()    # one decode at a time (released from any thread)
-        im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
-        self.eos_ids = {i for i in (tokenizer.eos_token_id, im_end) if isinstance(i, int) and i >= 0}
-        pool.on_change(lambda event, name: self._invalidate())
+        self.eos_ids = set(stop_token_ids(tokenizer))
 
     @classmethod
-    def from_folder(cls, base_dir, pool, dtype=torch.float32) -> "RoutedEngine":
+    def from_folder(cls, base_dir, dtype=torch.float32) -> "RoutedEngine":
         from transformers import AutoModelForCausalLM, AutoTokenizer
         return cls(AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype), AutoTokenizer.from_pretrained(base_dir),
-                   pool, dtype)
+                   dtype)
 
     # -- experts ------------------------------------------------------------------
-    def _invalidate(self) -> None:
-        with self._lock:
-            self._version = None
-            self._dense_cache.clear()
-
     def _ensure_layer(self, module: str) -> RoutedLoraLinear:
         if module not in self.layers:
             parent_name, child = module.rsplit(".", 1)
@@ -70,86 +68,94 @@ class RoutedEngine:
             self.layers[module] = layer
         return self.layers[module]
 
-    def sync_experts(self) -> list[str]:
-        """Stack every LoRA expert of the pool into the routed layers (once per pool change:
-        the pool's change events reset the version, so requests in between do not read the pool)."""
-        if self._version is not None:
-            return self.expert_names
-        with self._lock:
-            cards = [c for c in self.pool.list() if c.kind == "lora"]
-            version = tuple((c.name, c.artifacts.get("adapter_weights")) for c in cards)
-            if version == self._version:
-                return self.expert_names
-            from moerge.experts.lora import load_lora
-            adapters = [load_lora(self.pool.adapter_dir(c), self.pool.base_spec) for c in cards]
-            modules = sorted({m for ad in adapters for m in ad.weights})
-            for m in modules:
-                layer = self._ensure_layer(m)
-                r = max(ad.weights[m][0].shape[0] for ad in adapters if m in ad.weights)
-                E = len(adapters)
-                a = torch.zeros(E, r, layer.base.in_features, dtype=self.dtype)
-                b = torch.zeros(E, layer.base.out_features, r, dtype=self.dtype)
-                s = torch.zeros(E, dtype=self.dtype)
-                for e, ad in enumerate(adapters):
-                    if m in ad.weights:
-                        ae, be = ad.weights[m]
-                        a[e, :ae.shape[0]] = ae.to(self.dtype)
-                        b[e, :, :be.shape[1]] = be.to(self.dtype)
-                        s[e] = ad.scaling[m]
-                layer.set_experts(a, b, s)
-            for m, layer in self.layers.items():
-                if m not in modules:
-                    layer.set_experts(layer.a[:0], layer.b[:0], layer.scaling[:0])
-            self.expert_names = [c.name for c in cards]
-            self._adapters = {c.name: ad for c, ad in zip(cards, adapters)}
-            self._version = version
-            return self.expert_names
+    def _resident(self, refs) -> dict[str, int]:
+        """Stack index of each expert (by versioned key), loading the plans' experts that are new.
 
-    def dense_merge(self, method: str) -> dict[str, torch.Tensor]:
-        """module -> merged dense update for a merge baseline (cached until the pool changes)."""
+        Experts stay resident until `capacity` is reached; then the least recently used ones
+        that the current plans do not need are dropped (their stack is rebuilt once)."""
         with self._lock:
-            if method not in self._dense_cache:
-                self.sync_experts()
-                fn = MERGES[method]
-                modules = sorted({m for ad in self._adapters.values() for m in ad.weights})
+            needed = {r.key: r for r in refs}
+            new = [r for k, r in needed.items() if k not in self._experts]
+            for k in needed:
+                if k in self._experts:
+                    self._experts.move_to_end(k)
+            if new:
+                for r in new:
+                    self._experts[r.key] = load_expert(r)
+                while len(self._experts) > self.capacity:
+                    victim = next((k for k in self._experts if k not in needed), None)
+                    if victim is None:
+                        raise PlanError(f"the plans need more than {self.capacity} experts at once")
+                    del self._experts[victim]
+                self._restack()
+            return self._index
+
+    def _restack(self) -> None:
+        experts = list(self._experts.values())
+        modules = sorted({m for ex in experts for m in ex.a})
+        E = len(experts)
+        for m in modules:
+            layer = self._ensure_layer(m)
+            r = max(ex.rank(m) for ex in experts)
+            a = torch.zeros(E, r, layer.base.in_features, dtype=self.dtype)
+            b = torch.zeros(E, layer.base.out_features, r, dtype=self.dtype)
+            for e, ex in enumerate(experts):
+                if m in ex.a:
+                    a[e, :ex.rank(m)] = ex.a[m].to(self.dtype)
+                    b[e, :, :ex.rank(m)] = ex.sb[m].to(self.dtype)
+            layer.set_experts(a, b, torch.ones(E, dtype=self.dtype))
+        for m, layer in self.layers.items():
+            if m not in modules:
+                layer.set_experts(layer.a[:0], layer.b[:0], layer.scaling[:0])
+        self.expert_names = [ex.ref.name for ex in experts]
+        self._index = {k: i for i, k in enumerate(self._experts)}
+
+    def _dense_delta(self, plan: ExecutionPlan) -> dict[str, torch.Tensor]:
+        """module -> merged dense update of the plan's experts (TIES), cached by plan."""
+        sig = plan.signature()
+        with self._lock:
+            if sig not in self._dense_cache:
+                fn = MERGES[f"merge-{plan.merge}"]
+                experts = [load_expert(r) for r in plan.experts]
+                modules = sorted({m for ex in experts for m in ex.a})
+                self._dense_cache[sig] = {m: fn([ex.sb[m] @ ex.a[m] for ex in experts if m in ex.a]).to(self.dtype)
+                                          for m in modules}
+                while len(self._dense_cache) > 4:
+                    self._dense_cache.pop(next(iter(self._dense_cache)))
+            return self._dense_cache[sig]
+
+    def _gates(self, plan: ExecutionPlan) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """module -> (positions in the plan's experts of those that adapt it, their gate vectors)."""
+        key = (plan.gate_set, tuple(r.key for r in plan.experts))
+        with self._lock:
+            if key not in self._gate_cache:
+                tables = [load_expert(r).gates.get(plan.gate_set, {}) for r in plan.experts]
+                modules = sorted(set().union(*(set(t) for t in tables))) if tables else []
                 out = {}
                 for m in modules:
-                    deltas = [ad.delta(m) for ad in self._adapters.values() if m in ad.weights]
-                    out[m] = fn(deltas).to(self.dtype)
-                self._dense_cache[method] = out
-            return self._dense_cache[method]
+                    have = [i for i, t in enumerate(tables) if m in t]
+                    out[m] = (torch.tensor(have), torch.stack([tables[i][m] for i in have]))
+                self._gate_cache = {key: out}
+            return self._gate_cache[key]
 
     # -- plans ----------------------------------------------------------------------
-    def row_plan(self, decision: RoutingDecision | None, router=None) -> RowPlan:
-        names = self.sync_experts()
-        index = {n: i for i, n in enumerate(names)}
-        if decision is None or decision.abstained or not decision.chosen:
+    def row_plan(self, plan: ExecutionPlan | None) -> RowPlan:
+        if plan is None or plan.kind == "base":
             return RowPlan("base")
-        if decision.granularity == "sequence":
-            missing = [n for n in decision.chosen if n not in index]
-            if missing:
-                raise KeyError(f"expert(s) {missing} are not LoRA experts loaded in this engine")
-            return RowPlan("fixed", ids=[index[n] for n in decision.chosen], weights=[1.0] * len(decision.chosen))
-        if decision.granularity == "static":
-            merge = decision.method
-            if merge == "merge-ties":
-                return RowPlan("dense", dense=self.dense_merge(merge))
-            n = len(names)
-            w = 1.0 / n if merge == "merge-linear" else 1.0
-            return RowPlan("fixed", ids=list(range(n)), weights=[w] * n)
-        if decision.granularity == "token":
-            if router is None:
-                raise ValueError("a token-level plan needs its router (for the gate vectors)")
-            eligible = [n for n in decision.chosen if n in index]
-            return RowPlan("token", mode=router.mode, eligible=[index[n] for n in eligible],
-                           bias=[decision.bias.get(n, 0.0) for n in eligible] if decision.bias else [],
-                           top_k=router.top_k, temperature=router.temperature, gates=router.module_gates(eligible))
-        raise ValueError(f"unknown granularity {decision.granularity!r}")
+        if plan.kind == "dense_delta":
+            return RowPlan("dense", dense=self._dense_delta(plan))
+        index = self._resident(plan.experts)
+        ids = [index[r.key] for r in plan.experts]
+        if plan.kind in ("adapter", "static_mixture"):
+            return RowPlan("fixed", ids=ids, weights=list(plan.weights))
+        if plan.kind == "token_mixture":
+            return RowPlan("token", mode=plan.gate_mode, eligible=ids, bias=list(plan.bias), top_k=plan.top_k,
+                           temperature=plan.temperature, gates=self._gates(plan))
+        raise PlanError(f"the reference engine does not run {plan.kind} plans")
 
     # -- generation ---------------------------------------------------------------------
     def encode_chat(self, messages: list[dict]) -> list[int]:
-        out = self.tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
-        return list(out["input_ids"])
+        return encode_chat(self.tok, messages)
 
     def generate_batch(self, prompts: list[list[int]], plans: list[RowPlan], params: SamplingParams) -> list[RowResult]:
         """Greedy (or seeded sampling) decode of a batch; each row follows its own plan."""
@@ -164,7 +170,6 @@ class RoutedEngine:
         """Decode step by step: yields the list of (row, token) accepted at each step and
         returns the RowResults. Holds the generation lock until exhausted or closed."""
         with self._gen_lock:
-            self.sync_experts()
             B = len(prompts)
             width = max(map(len, prompts))
             pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else 0
@@ -240,12 +245,11 @@ class RoutedEngine:
         tail = self.tok.decode(tokens[-16:], skip_special_tokens=True)
         return any(s and s in tail for s in stops)
 
-    def generate(self, messages: list[dict], params: SamplingParams, decision=None, router=None) -> tuple[Generation, RowResult]:
+    def generate(self, messages: list[dict], params: SamplingParams, plan: ExecutionPlan | None = None) -> Generation:
         prompt = self.encode_chat(messages)
-        r = self.generate_batch([prompt], [self.row_plan(decision, router)], params)[0]
-        if decision is not None and r.layer_usage:
-            decision.layer_usage = r.layer_usage
-        return Generation(r.text, r.prompt_tokens, len(r.tokens), r.finish_reason), r
+        r = self.generate_batch([prompt], [self.row_plan(plan)], params)[0]
+        return Generation(r.text, r.prompt_tokens, len(r.tokens), r.finish_reason, layer_usage=r.layer_usage,
+                          token_ids=list(r.tokens))
 
 
 def _cut_stop(text: str, stops: list[str]) -> str:

@@ -1,44 +1,38 @@
-"""vLLM executor: one AsyncLLM engine with LoRA enabled, started once in the background.
+"""vLLM executor: one AsyncLLM engine runs base, adapter, token-mixture and static-mixture plans,
+all in shared batches.
 
-Base plans and single-adapter plans become vLLM requests (adapters are LoRARequests, loaded
-on first use, so an expert registered at run time is usable at once), and requests for
-different experts share a batch. Plans vLLM cannot run (token-level mixtures, TIES, an
-adapter above the engine's max rank) and requests that arrive before the engine is ready
-go to the reference executor; the routing info says which executor answered.
+Each non-base plan travels as a LoRA request whose folder holds `moerge_plan.json` (a rank-1
+zero adapter around it, so vLLM maps the request's tokens to it); the moerge plugin in the
+engine process reads the plan and applies it (vllm_plans.py, vllm_punica.py). Adapter and static
+plans share one LoRA id per plan; a token-mixture plan gets an id per request, so its per-layer
+routing usage is its own and is collected when it finishes.
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import logging
 import os
 import queue
+import shutil
+import tempfile
 import threading
 import uuid
 from collections.abc import Iterator
+from dataclasses import asdict
 from pathlib import Path
 
 from moerge.config import cpu_core_list
-from moerge.executors.base import Generation, SamplingParams, StreamDelta
+from moerge.models.chat import encode_chat
+from moerge.models.generation import Generation, SamplingParams, StreamDelta
+from moerge.plan import EngineCaps, ExecutionPlan
+from moerge.executors.vllm_plans import PLAN_FILE
 
 log = logging.getLogger("moerge.vllm")
-
-
-def vllm_target(decision, pool, max_lora_rank: int) -> tuple[str | None, str]:
-    """What vLLM runs for a routing decision: (None, "") the base model, (name, "") one LoRA
-    adapter, or (None, why not) for plans it cannot run (they go to the reference engine)."""
-    d = decision
-    if d is None or d.abstained or not d.chosen:
-        return None, ""
-    if d.granularity != "sequence" or len(d.chosen) != 1:
-        return None, f"{d.granularity}-level plans run in the reference engine"
-    card = pool.get(d.chosen[0])
-    if card.kind != "lora":
-        return None, f"{card.kind} experts do not run in vLLM"
-    if (card.rank or 0) > max_lora_rank:
-        return None, f"rank {card.rank} is above the engine's max_lora_rank {max_lora_rank}"
-    return card.name, ""
+VLLM_KINDS = frozenset({"base", "adapter", "token_mixture", "static_mixture"})
+_UNIQUE_BASE = 1_000_000
 
 
 def bind_cpu_threads(spec: str) -> None:
@@ -54,24 +48,82 @@ def bind_cpu_threads(spec: str) -> None:
         os.environ["VLLM_CPU_NUM_OF_RESERVED_CPU"] = "0"
 
 
+class PlanAdapters:
+    """Plan folders for vLLM: a shared rank-1 zero adapter plus each plan's `moerge_plan.json`."""
+
+    def __init__(self, model_dir: Path, root: Path | None = None):
+        self.root = Path(root or tempfile.mkdtemp(prefix="moerge-vllm-plans-"))
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._blank = self.root / "_blank"
+        if not (self._blank / "adapter_model.safetensors").exists():
+            self._write_blank(model_dir)
+        self._shared: dict[str, int] = {}
+        self._ids = itertools.count(1)
+        self._unique = itertools.count(_UNIQUE_BASE)
+        self._lock = threading.Lock()
+
+    def _write_blank(self, model_dir: Path) -> None:
+        import torch
+        from safetensors.torch import save_file
+        hidden = int(json.loads((Path(model_dir) / "config.json").read_text())["hidden_size"])
+        self._blank.mkdir(parents=True, exist_ok=True)
+        key = "base_model.model.model.layers.0.self_attn.o_proj"
+        save_file({f"{key}.lora_A.weight": torch.zeros(1, hidden), f"{key}.lora_B.weight": torch.zeros(hidden, 1)},
+                  str(self._blank / "adapter_model.safetensors"))
+        (self._blank / "adapter_config.json").write_text(json.dumps({
+            "peft_type": "LORA", "r": 1, "lora_alpha": 1, "target_modules": ["o_proj"], "bias": "none",
+            "task_type": "CAUSAL_LM", "base_model_name_or_path": str(model_dir)}))
+
+    def request(self, plan: ExecutionPlan):
+        """(LoRARequest, unique) for a plan; None for the base model."""
+        from vllm.lora.request import LoRARequest
+        if plan.kind == "base":
+            return None, False
+        unique = plan.kind == "token_mixture"
+        with self._lock:
+            if unique:
+                lora_id = next(self._unique)
+            else:
+                sig = plan.signature()
+                if sig not in self._shared:
+                    self._shared[sig] = next(self._ids)
+                lora_id = self._shared[sig]
+        folder = self.root / str(lora_id)
+        if not (folder / PLAN_FILE).exists():
+            tmp = self.root / f".{lora_id}.{uuid.uuid4().hex[:8]}"
+            tmp.mkdir()
+            for f in ("adapter_config.json", "adapter_model.safetensors"):
+                os.link(self._blank / f, tmp / f)
+            body = {k: v for k, v in asdict(plan).items() if k not in ("remote", "engine", "fallback")}
+            (tmp / PLAN_FILE).write_text(json.dumps(body))
+            os.replace(tmp, folder)
+        return LoRARequest(lora_name=f"moerge-plan-{lora_id}", lora_int_id=lora_id, lora_path=str(folder)), unique
+
+    def release(self, lora_id: int) -> None:
+        if lora_id >= _UNIQUE_BASE:
+            shutil.rmtree(self.root / str(lora_id), ignore_errors=True)
+
+
 class VllmExecutor:
     name = "vllm"
 
-    def __init__(self, model_dir: Path, pool, fallback=None, *, max_loras: int = 12, max_lora_rank: int = 16,
+    def __init__(self, model_dir: Path, *, max_resident_experts: int = 64, max_lora_rank: int = 64,
                  max_num_seqs: int = 64, dtype: str = "bfloat16", kv_cache_gib: int = 2, max_model_len: int = 2048,
-                 cpu_threads: str = "auto", start: bool = True):
+                 cpu_threads: str = "auto", plan_dir: Path | None = None, start: bool = True):
         self.model_dir = Path(model_dir)
-        self.pool = pool
-        self.fallback = fallback
         self.max_lora_rank = max_lora_rank
+        self.max_resident_experts = max_resident_experts
+        # every request in a full batch may carry its own plan adapter: one vLLM slot each
         self.engine_kwargs = dict(model=str(self.model_dir), tokenizer=str(self.model_dir), dtype=dtype,
-                                  enable_lora=True, max_loras=max_loras, max_lora_rank=max_lora_rank,
-                                  max_cpu_loras=max(64, max_loras), max_num_seqs=max_num_seqs,
-                                  max_model_len=max_model_len, enable_prefix_caching=False)
+                                  enable_lora=True, max_loras=max_num_seqs, max_lora_rank=1,
+                                  max_cpu_loras=4 * max_num_seqs, max_num_seqs=max_num_seqs,
+                                  max_model_len=max_model_len, enable_prefix_caching=False,
+                                  worker_extension_cls="moerge.executors.vllm_plugin.MoergeWorkerExtension")
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gib))
+        os.environ["MOERGE_PLUGIN_CAPACITY"] = str(max_resident_experts)
+        os.environ["MOERGE_PLUGIN_DTYPE"] = dtype
         bind_cpu_threads(cpu_threads)
-        self._ids: dict[tuple[str, str], int] = {}
-        self._id_counter = itertools.count(1)
+        self.adapters = PlanAdapters(self.model_dir, plan_dir)
         self._ready = threading.Event()
         self.error: str | None = None
         self._loop = asyncio.new_event_loop()
@@ -110,6 +162,21 @@ class VllmExecutor:
             raise RuntimeError(f"vLLM engine failed to start: {self.error}")
         return self.ready()
 
+    def caps(self) -> EngineCaps:
+        why = f"the vLLM engine failed to start ({self.error})" if self.error else "the vLLM engine is still starting"
+        return EngineCaps("vllm", ready=self.ready(), kinds=VLLM_KINDS, max_rank=self.max_lora_rank,
+                          max_experts=self.max_resident_experts, not_ready_reason=why)
+
+    def describe(self) -> dict:
+        out = {"engine": "vllm", "ready": self.ready(), "error": self.error,
+               "max_resident_experts": self.max_resident_experts, "max_lora_rank": self.max_lora_rank}
+        if self.ready():
+            try:
+                out.update(self._call(self.engine.collective_rpc("moerge_describe"), 30)[0])
+            except Exception as e:  # noqa: BLE001 - state is informative only
+                out["describe_error"] = str(e)
+        return out
+
     def shutdown(self) -> None:
         if self.engine is not None and self._loop.is_running():
             asyncio.run_coroutine_threadsafe(self._ashutdown(), self._loop).result(120)
@@ -119,98 +186,65 @@ class VllmExecutor:
         engine, self.engine = self.engine, None
         engine.shutdown()
 
-    # -- plans ----------------------------------------------------------------------
-    def lora_request(self, name: str):
-        from vllm.lora.request import LoRARequest
-        card = self.pool.get(name)
-        key = (name, card.artifacts["adapter_weights"])
-        if key not in self._ids:
-            self._ids[key] = next(self._id_counter)
-        return LoRARequest(lora_name=f"{name}@{key[1][:12]}", lora_int_id=self._ids[key],
-                           lora_path=str(self.pool.adapter_dir(card)))
+    def _call(self, coro, timeout: float | None = None):
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
 
-    def _route(self, plan) -> str | None:
-        """"base", an adapter name, or None when the plan goes to the fallback (reason recorded)."""
-        d = plan.decision if plan is not None else None
-        adapter, why = (vllm_target(d, self.pool, self.max_lora_rank) if self.ready()
-                        else (None, "vLLM engine still starting"))
-        if why:
-            if self.fallback is None:
-                raise RuntimeError(why)
-            if d is not None:
-                d.detail["executor"] = self.fallback.name
-                d.detail["executor_reason"] = why
-            return None
-        if d is not None:
-            d.detail["executor"] = "vllm"
-        return adapter or "base"
-
+    # -- generation -------------------------------------------------------------------
     def _sampling(self, params: SamplingParams):
         from vllm import SamplingParams as VSP
         return VSP(max_tokens=params.max_tokens, temperature=params.temperature, top_p=params.top_p,
                    stop=params.stop or None, seed=params.seed, ignore_eos=params.ignore_eos)
 
-    def _prompt(self, messages: list[dict]) -> dict:
-        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                                 return_dict=True)["input_ids"]
-        return {"prompt_token_ids": list(ids)}
-
-    # -- generation -------------------------------------------------------------------
-    async def _agenerate(self, prompt: dict, sp, lora, out_q: queue.Queue | None):
-        final = None
-        sent = 0
-        async for out in self.engine.generate(prompt, sp, uuid.uuid4().hex, lora_request=lora):
-            final = out
-            if out_q is not None:
-                text = out.outputs[0].text
-                if len(text) > sent:
-                    out_q.put(("delta", text[sent:]))
-                    sent = len(text)
-        return final
-
-    def generate_tokens(self, prompt_ids: list[int], params: SamplingParams, adapter: str | None):
-        """Run one request by token ids (benchmarks use this to bypass the service)."""
-        lora = self.lora_request(adapter) if adapter else None
-        fut = asyncio.run_coroutine_threadsafe(
-            self._agenerate({"prompt_token_ids": prompt_ids}, self._sampling(params), lora, None), self._loop)
-        return fut.result()
+    async def _agenerate(self, prompt_ids: list[int], sp, plan: ExecutionPlan, out_q: queue.Queue | None):
+        """(final RequestOutput, layer usage) of one request under its plan."""
+        if plan.kind not in VLLM_KINDS:
+            raise ValueError(f"vLLM does not run {plan.kind} plans (make_plan should not have sent it here)")
+        lora, unique = self.adapters.request(plan)
+        final, sent = None, 0
+        try:
+            async for out in self.engine.generate({"prompt_token_ids": prompt_ids}, sp, uuid.uuid4().hex,
+                                                  lora_request=lora):
+                final = out
+                if out_q is not None:
+                    text = out.outputs[0].text
+                    if len(text) > sent:
+                        out_q.put(("delta", text[sent:]))
+                        sent = len(text)
+        finally:
+            usage = {}
+            if unique:
+                res = await self.engine.collective_rpc("moerge_finish_plan", args=(lora.lora_int_id,))
+                usage = {int(k): v for k, v in (res[0] if res else {}).items()}
+                self.adapters.release(lora.lora_int_id)
+        return final, usage
 
     def generate_many(self, prompts: list[list[int]], params: SamplingParams,
-                      adapters: list[str | None]) -> list[tuple[str, list[int]]]:
-        """Submit every request at once (vLLM batches them, adapters mixed); (text, token ids) each."""
-        if len(prompts) != len(adapters):
-            raise ValueError("one adapter (or None) per prompt")
+                      plans: list[ExecutionPlan]) -> list[Generation]:
+        """Submit every request at once (vLLM batches them, plans mixed)."""
+        if len(prompts) != len(plans):
+            raise ValueError("one plan per prompt")
         sp = self._sampling(params)
 
         async def run():
-            return await asyncio.gather(*[
-                self._agenerate({"prompt_token_ids": p}, sp, self.lora_request(a) if a else None, None)
-                for p, a in zip(prompts, adapters)])
+            return await asyncio.gather(*[self._agenerate(p, sp, plan, None) for p, plan in zip(prompts, plans)])
 
-        outs = asyncio.run_coroutine_threadsafe(run(), self._loop).result()
-        return [(o.outputs[0].text, list(o.outputs[0].token_ids)) for o in outs]
+        return [_generation(out, len(p), usage) for p, (out, usage) in zip(prompts, self._call(run()))]
 
-    def generate(self, messages: list[dict], params: SamplingParams, plan=None) -> Generation:
-        target = self._route(plan)
-        if target is None:
-            return self.fallback.generate(messages, params, plan)
-        lora = None if target == "base" else self.lora_request(target)
-        prompt = self._prompt(messages)
-        fut = asyncio.run_coroutine_threadsafe(self._agenerate(prompt, self._sampling(params), lora, None), self._loop)
-        out = fut.result()
-        o = out.outputs[0]
-        return Generation(o.text, len(prompt["prompt_token_ids"]), len(o.token_ids),
-                          "length" if o.finish_reason == "length" else "stop")
+    def generate_tokens(self, prompt_ids: list[int], params: SamplingParams, plan: ExecutionPlan) -> Generation:
+        out, usage = self._call(self._agenerate(prompt_ids, self._sampling(params), plan, None))
+        return _generation(out, len(prompt_ids), usage)
 
-    def stream(self, messages: list[dict], params: SamplingParams, plan=None) -> Iterator[StreamDelta]:
-        target = self._route(plan)
-        if target is None:
-            yield from self.fallback.stream(messages, params, plan)
-            return
-        lora = None if target == "base" else self.lora_request(target)
-        prompt = self._prompt(messages)
+    def generate(self, messages: list[dict], params: SamplingParams, plan: ExecutionPlan) -> Generation:
+        return self.generate_tokens(encode_chat(self.tokenizer, messages), params, plan)
+
+    def complete(self, messages: list[dict], max_tokens: int) -> str:
+        """Greedy text for `messages` on the base model (the GLIDER instruction writer uses this)."""
+        return self.generate(messages, SamplingParams(max_tokens=max_tokens), ExecutionPlan("base")).text
+
+    def stream(self, messages: list[dict], params: SamplingParams, plan: ExecutionPlan) -> Iterator[StreamDelta]:
+        prompt = encode_chat(self.tokenizer, messages)
         q: queue.Queue = queue.Queue()
-        fut = asyncio.run_coroutine_threadsafe(self._agenerate(prompt, self._sampling(params), lora, q), self._loop)
+        fut = asyncio.run_coroutine_threadsafe(self._agenerate(prompt, self._sampling(params), plan, q), self._loop)
         fut.add_done_callback(lambda f: q.put(("done", None)))
         while True:
             kind, value = q.get()
@@ -218,7 +252,12 @@ class VllmExecutor:
                 yield StreamDelta(text=value)
             else:
                 break
-        out = fut.result()
-        o = out.outputs[0]
-        yield StreamDelta("", "length" if o.finish_reason == "length" else "stop",
-                          len(prompt["prompt_token_ids"]), len(o.token_ids))
+        out, usage = fut.result()
+        g = _generation(out, len(prompt), usage)
+        yield StreamDelta("", g.finish_reason, g.prompt_tokens, g.completion_tokens, layer_usage=usage)
+
+
+def _generation(out, n_prompt: int, usage: dict) -> Generation:
+    o = out.outputs[0]
+    return Generation(o.text, n_prompt, len(o.token_ids), "length" if o.finish_reason == "length" else "stop",
+                      layer_usage=usage, token_ids=list(o.token_ids))

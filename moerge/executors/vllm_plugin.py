@@ -1,18 +1,70 @@
 """vLLM general plugin (entry point `vllm.general_plugins`): loads in every vLLM process.
 
-It swaps the CPU punica wrapper for moerge's grouped one unless MOERGE_VLLM_PUNICA=vllm.
+It installs moerge's CPU punica wrapper (vllm_punica.py), names every LoRA-wrapped module for it,
+and reads the moerge plan that a plan adapter's folder carries when vLLM loads that adapter
+(vllm_plans.py). `MoergeWorkerExtension` adds the calls the executor makes into the worker.
+MOERGE_VLLM_PUNICA=vllm keeps vLLM's own CPU LoRA ops (for benchmarks only: plans need moerge's).
 """
 
 from __future__ import annotations
 
 import os
 
+_PATCHED = False
+
 
 def register() -> None:
-    if os.environ.get("MOERGE_VLLM_PUNICA", "grouped") != "grouped":
+    global _PATCHED
+    if _PATCHED or os.environ.get("MOERGE_VLLM_PUNICA", "moerge") == "vllm":
         return
     try:
         from vllm.platforms.cpu import CpuPlatform
     except ImportError:  # pragma: no cover - not a CPU build
         return
-    CpuPlatform.get_punica_wrapper = classmethod(lambda cls: "moerge.executors.vllm_punica.GroupedPunicaCPU")
+    from vllm.lora.model_manager import LoRAModelManager
+    from vllm.lora.worker_manager import WorkerLoRAManager
+
+    CpuPlatform.get_punica_wrapper = classmethod(lambda cls: "moerge.executors.vllm_punica.MoergePunicaCPU")
+
+    original_register = LoRAModelManager.register_module
+
+    def register_module(self, module_name, module):
+        original_register(self, module_name, module)
+        from moerge.executors.vllm_plans import STATE
+        STATE.register_module(module_name, module)
+
+    original_load = WorkerLoRAManager._load_adapter
+
+    def load_adapter(self, lora_request):
+        from moerge.executors.vllm_plans import STATE
+        STATE.register_plan_folder(lora_request.lora_int_id, lora_request.lora_path)
+        return original_load(self, lora_request)
+
+    LoRAModelManager.register_module = register_module
+    WorkerLoRAManager._load_adapter = load_adapter
+    _PATCHED = True
+
+
+class MoergeWorkerExtension:
+    """Methods vLLM adds to its worker (`worker_extension_cls`), called through collective_rpc."""
+
+    def moerge_finish_plan(self, lora_id: int) -> dict:
+        """A finished request's per-layer usage; its plan and its vLLM adapter are dropped."""
+        from moerge.executors.vllm_plans import STATE
+        plan = STATE.drop_plan(lora_id)
+        try:
+            self.remove_lora(lora_id)
+        except Exception:  # noqa: BLE001 - already evicted by vLLM's own LRU
+            pass
+        return {str(k): v for k, v in plan.layer_usage().items()} if plan is not None else {}
+
+    def moerge_set_capacity(self, capacity: int, dtype: str) -> None:
+        import torch
+
+        from moerge.executors.vllm_plans import STATE
+        STATE.capacity = capacity
+        STATE.dtype = getattr(torch, dtype)
+
+    def moerge_describe(self) -> dict:
+        from moerge.executors.vllm_plans import STATE
+        return STATE.describe()

@@ -1,10 +1,10 @@
-"""A faster CPU punica wrapper for vLLM's multi-LoRA batches, installed by the moerge vLLM plugin.
+"""moerge's CPU punica wrapper for vLLM: every LoRA-wrapped layer calls `add_lora_linear` here.
 
-vLLM's CPU ops gather a private copy of the adapter weights for every token and einsum
-over them. Here the adapters active in the batch are concatenated along the rank
-dimension, so each LoRA linear costs two matmuls whatever the number of adapters:
-h = x · A_catᵀ [T, S·r], masked so each token keeps only its own adapter's block, then
-y += h · B_cat. Tokens without an adapter (slot -1) are masked out explicitly.
+Tokens whose LoRA id is a moerge plan (see vllm_plans.py) run the fused plan step of
+moerge.kernels.plan_mixture over the experts resident in the plugin, sliced to each expert's real
+rank, with the packed slices of a module (q/k/v, gate/up) in one shrink and one expand. Tokens of
+any other LoRA adapter run the grouped path over vLLM's own stacked weights: the active adapters'
+A and B concatenated along the rank, two matmuls whatever their number.
 """
 
 from __future__ import annotations
@@ -14,40 +14,97 @@ from typing import Any
 import torch
 from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
 
+from moerge.executors.vllm_plans import STATE, BatchTables
+from moerge.kernels.plan_mixture import gated_coefficients
 
-class GroupedPunicaCPU(PunicaWrapperCPU):
-    def _slots(self, n_tokens: int):
+
+class MoergePunicaCPU(PunicaWrapperCPU):
+    def update_metadata(self, mapping, lora_index_to_id, max_loras, vocab_size, **kwargs):
+        super().update_metadata(mapping, lora_index_to_id, max_loras, vocab_size, **kwargs)
+        ids = list(mapping.index_mapping)
+        batch = STATE.begin_batch(ids)
+        self._native = None
+        if batch is not None:
+            native = torch.tensor([i > 0 and i not in STATE.plans for i in ids], dtype=torch.bool)
+            if bool(native.any()):
+                self._native = native
+        self._batch = batch
+
+    # -- vLLM's own adapters: grouped over the concatenated rank -------------------------
+    def _grouped(self, y2, x2, lora_a_stacked, lora_b_stacked, scale, output_slices, only=None) -> None:
         idx = self.token_lora_indices
-        if idx.shape[0] != n_tokens:
-            return None, None
+        if only is not None:
+            idx = torch.where(only, idx, torch.full_like(idx, -1))
         slots = torch.unique(idx)
         slots = slots[slots >= 0]
         if slots.numel() == 0:
-            return idx, slots
-        return idx, slots
-
-    def add_lora_linear(self, y: torch.Tensor, x: torch.Tensor, lora_a_stacked: tuple[torch.Tensor, ...],
-                        lora_b_stacked: tuple[torch.Tensor, ...], scale: float, output_slices: tuple[int, ...],
-                        *, buffer=None, **kwargs: Any) -> None:
-        x2 = x.reshape(-1, x.shape[-1])
-        idx, slots = self._slots(x2.shape[0])
-        if idx is None:  # an unexpected layout: use vLLM's own path
-            return super().add_lora_linear(y, x, lora_a_stacked, lora_b_stacked, scale, output_slices,
-                                           buffer=buffer, **kwargs)
-        if slots.numel() == 0:
-            return None
-        y2 = y.view(-1, y.shape[-1])
+            return
         coef = (idx.unsqueeze(1) == slots.unsqueeze(0)).to(x2.dtype)          # [T, S]
         offset = 0
         for a, b, size in zip(lora_a_stacked, lora_b_stacked, output_slices):
             a_s = a[slots, 0].to(x2.dtype)                                     # [S, r, d_in]
             b_s = b[slots, 0].to(x2.dtype)                                     # [S, d_out, r]
             S, r, d_in = a_s.shape
-            h = x2 @ a_s.reshape(S * r, d_in).T                                # [T, S*r]
-            h = h * coef.repeat_interleave(r, dim=1)
-            out = h @ b_s.permute(0, 2, 1).reshape(S * r, size)                # [T, d_out]
-            if scale != 1.0:
-                out = out * scale
-            y2[:, offset:offset + size] += out.to(y2.dtype)
+            h = (x2 @ a_s.reshape(S * r, d_in).T) * coef.repeat_interleave(r, dim=1)
+            out = h @ b_s.permute(0, 2, 1).reshape(S * r, size)
+            y2[:, offset:offset + size] += (out * scale if scale != 1.0 else out).to(y2.dtype)
             offset += size
-        return None
+
+    # -- moerge plans: one fused step ----------------------------------------------------
+    def _plans(self, y2, x2, info, batch: BatchTables) -> None:
+        t = STATE.table(info, batch)
+        if t.w_rank.shape[0] == 0:
+            return
+        if not batch.any_token:
+            h = x2 @ t.w_rank.T                                                  # [T, R]
+            c = batch.fixed.index_select(1, t.owner)                             # [T, R]
+            y2 += ((h * c.to(h.dtype)) @ t.w_out).to(y2.dtype)
+            return
+        H = x2 @ t.w_all.T                                                       # [T, R + 2·S·E]
+        R, E = t.w_rank.shape[0], t.n_experts
+        parts = []
+        for s, (r0, r1) in enumerate(t.slice_rows):
+            if r1 == r0:
+                continue
+            g0 = R + 2 * s * E
+            coef, w, ids = gated_coefficients(H[:, g0:g0 + E], H[:, g0 + E:g0 + 2 * E], x2, t.gsum[s], t.present[s],
+                                              batch.phat, batch.bias, batch.k, batch.temperature, batch.kmax)
+            coef = torch.where(batch.token_rows.unsqueeze(1), coef, batch.fixed)
+            parts.append(coef.index_select(1, t.owner[r0:r1]))
+            self._record(info.layer, batch, w, ids)
+        c = torch.cat(parts, dim=1)
+        y2 += ((H[:, :R] * c.to(H.dtype)) @ t.w_out).to(y2.dtype)
+
+    @staticmethod
+    def _record(layer: int, batch: BatchTables, w: torch.Tensor, ids: torch.Tensor) -> None:
+        """Routing mass per (plan, expert) for this layer, token-gated rows only."""
+        P1, E = len(batch.plans) + 1, len(batch.experts)
+        w = w * batch.token_rows.unsqueeze(1).to(w.dtype)
+        flat = (batch.plan_of_token.unsqueeze(1) * E + ids).reshape(-1)
+        mass = torch.zeros(P1 * E).index_add_(0, flat, w.reshape(-1).float()).view(P1, E)
+        batch.usage[layer] = batch.usage[layer] + mass if layer in batch.usage else mass
+
+    def add_lora_linear(self, y: torch.Tensor, x: torch.Tensor, lora_a_stacked: tuple[torch.Tensor, ...],
+                        lora_b_stacked: tuple[torch.Tensor, ...], scale: float, output_slices: tuple[int, ...],
+                        *, buffer=None, **kwargs: Any):
+        x2 = x.reshape(-1, x.shape[-1])
+        y2 = y.view(-1, y.shape[-1])
+        batch = getattr(self, "_batch", None)
+        info = STATE.modules.get(id(lora_a_stacked))
+        if batch is not None and info is not None:
+            if x2.shape[0] != batch.n_tokens:
+                raise RuntimeError(f"moerge plugin: {x2.shape[0]} tokens in a layer but {batch.n_tokens} in the "
+                                   "LoRA mapping; this vLLM layout is not supported")
+            self._plans(y2, x2, info, batch)
+            if self._native is not None:
+                self._grouped(y2, x2, lora_a_stacked, lora_b_stacked, scale, output_slices, only=self._native)
+            return y
+        if self.token_lora_indices.shape[0] != x2.shape[0]:
+            return super().add_lora_linear(y, x, lora_a_stacked, lora_b_stacked, scale, output_slices,
+                                           buffer=buffer, **kwargs)
+        self._grouped(y2, x2, lora_a_stacked, lora_b_stacked, scale, output_slices)
+        return y
+
+
+# the previous name, for engines configured with MOERGE_VLLM_PUNICA=grouped
+GroupedPunicaCPU = MoergePunicaCPU

@@ -34,6 +34,8 @@ class RoutingDecision:
     # token-level, filled after generation: {layer: {expert: share of routing mass}}
     layer_usage: dict[int, dict[str, float]] = field(default_factory=dict)
     instruction: str | None = None        # glider-global: the task instruction the LLM wrote
+    # token-level: how to gate (gate_set "arrow" | "gate", mode "arrow" | "phatgoose", top_k, temperature)
+    gating: dict[str, Any] = field(default_factory=dict)
     detail: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict:
@@ -42,6 +44,8 @@ class RoutingDecision:
                "chosen": list(self.chosen), "latency_ms": round(self.latency_ms, 3)}
         if self.instruction is not None:
             out["instruction"] = self.instruction
+        if self.gating:
+            out["gating"] = dict(self.gating)
         if self.bias:
             out["bias"] = {k: round(v, 4) for k, v in self.bias.items()}
         if self.layer_usage:

@@ -1,0 +1,75 @@
+"""An expert as an engine holds it: per module its A, s·B and its gate vectors prepared for gating,
+read from the files an `ExpertRef` names (safetensors only, never a pickle).
+
+Both engines use this, so the reference engine and the vLLM plugin apply the same numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+from moerge.kernels.gating import standardise
+from moerge.plan import ExpertRef, PlanError
+
+_KEY_RE = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<which>[AB])(?:\.[A-Za-z0-9_]+)?\.weight$")
+# the gating mode each gate set is prepared for (PHATGOOSE standardises, Arrow normalises)
+GATE_MODES = {"arrow": "arrow", "gate": "phatgoose"}
+
+
+@dataclass
+class LoadedExpert:
+    ref: ExpertRef
+    a: dict[str, torch.Tensor]                 # module -> A [r, d_in], float32
+    sb: dict[str, torch.Tensor]                # module -> s·B [d_out, r], float32
+    gates: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # gate set -> module -> [d_in]
+
+    def rank(self, module: str) -> int:
+        return self.a[module].shape[0] if module in self.a else 0
+
+
+def _scaling(config: dict, module: str, rank: int) -> float:
+    alpha = float(config.get("lora_alpha", rank))
+    for pattern, value in (config.get("alpha_pattern") or {}).items():
+        if re.search(pattern, module):
+            alpha = float(value)
+    return alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
+
+
+def prepare_gate(v: torch.Tensor, gate_set: str) -> torch.Tensor:
+    v = v.float()
+    return standardise(v) if GATE_MODES.get(gate_set) == "phatgoose" else v / v.norm().clamp_min(1e-12)
+
+
+@lru_cache(maxsize=256)
+def load_expert(ref: ExpertRef) -> LoadedExpert:
+    """Read one expert (cached by its versioned identity: a new version is a new entry)."""
+    from safetensors.torch import load_file
+
+    folder = Path(ref.adapter_dir)
+    try:
+        config = json.loads((folder / "adapter_config.json").read_text())
+        tensors = load_file(str(folder / "adapter_model.safetensors"))
+    except (OSError, ValueError) as e:
+        raise PlanError(f"expert {ref.name!r}: its adapter files cannot be read ({e}); re-register it") from e
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    for key, t in tensors.items():
+        m = _KEY_RE.match(key)
+        if m:
+            pairs.setdefault(m["module"], {})[m["which"]] = t
+    a, sb = {}, {}
+    for module, ab in pairs.items():
+        r = ab["A"].shape[0]
+        a[module] = ab["A"].float().contiguous()
+        sb[module] = (ab["B"].float() * _scaling(config, module, r)).contiguous()
+    gates = {}
+    for gate_set, path in ref.gates:
+        raw = load_file(path)
+        gates[gate_set] = {m: prepare_gate(v, gate_set) for m, v in raw.items()}
+    return LoadedExpert(ref, a, sb, gates)

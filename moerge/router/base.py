@@ -69,25 +69,17 @@ class Router:
         raise NotImplementedError
 
 
-_REGISTRY: dict[str, type[Router]] = {}
-
-
-def register(cls: type[Router]) -> type[Router]:
-    _REGISTRY[cls.name] = cls
-    return cls
-
-
 def method_names() -> list[str]:
-    import moerge.router.methods  # noqa: F401  (registers every method)
-    return sorted(_REGISTRY)
+    from moerge.router.methods import METHODS   # the table imports every method, which import this module
+    return sorted(METHODS)
 
 
 def make_router(name: str, ctx: "RouterContext", **options) -> Router:
-    import moerge.router.methods  # noqa: F401
-    if name not in _REGISTRY:
+    from moerge.router.methods import METHODS
+    if name not in METHODS:
         from moerge.experts.errors import ExpertError
-        raise ExpertError(f"unknown routing method {name!r}: choose one of {', '.join(sorted(_REGISTRY))}")
-    return _REGISTRY[name](**options).fit(ctx)
+        raise ExpertError(f"unknown routing method {name!r}: choose one of {', '.join(sorted(METHODS))}")
+    return METHODS[name](**options).fit(ctx)
 
 
 def ranked(names: list[str], scores: np.ndarray) -> list[ExpertScore]:

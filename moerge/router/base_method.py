@@ -1,9 +1,8 @@
 """`base`: no expert, the base model alone."""
 
-from moerge.router.base import Router, RoutingDecision, register
+from moerge.router.base import Router, RoutingDecision
 
 
-@register
 class BaseRouter(Router):
     name = "base"
     granularity = "none"

@@ -1,10 +1,8 @@
 """`embed`: cosine of the query's embedding to each expert card (FAISS over card vectors)."""
 
-from moerge.router.base import register
 from moerge.router.sequence import SequenceRouter
 
 
-@register
 class EmbedRouter(SequenceRouter):
     name = "embed"
 

@@ -12,12 +12,10 @@ keeps token routing in charge (best on unseen tasks). α can be:
 
 from __future__ import annotations
 
-from moerge.router.base import register
 from moerge.router.glider_global import GliderGlobalRouter
 from moerge.router.token import TokenRouter
 
 
-@register
 class GliderRouter(TokenRouter):
     name = "glider"
     mode = "phatgoose"

@@ -7,11 +7,9 @@ instruction alone is often vague or wrong ("Answer a factual science question" f
 capital-city query), so it is evidence added to the query's, not a replacement for it.
 """
 
-from moerge.router.base import register
 from moerge.router.sequence import SequenceRouter
 
 
-@register
 class GliderGlobalRouter(SequenceRouter):
     name = "glider-global"
 

@@ -4,8 +4,7 @@ every LoRA expert in the pool. The merge maths are in moerge/kernels/merge.py.
 
 from __future__ import annotations
 
-from moerge.kernels.merge import MERGES
-from moerge.router.base import Router, RoutingDecision, register
+from moerge.router.base import Router, RoutingDecision
 
 
 class MergeRouter(Router):
@@ -17,5 +16,13 @@ class MergeRouter(Router):
                                detail={"merge": self.name.removeprefix("merge-")})
 
 
-for _name in MERGES:
-    register(type(f"Merge{_name.split('-')[1].title()}Router", (MergeRouter,), {"name": _name}))
+class MergeLinearRouter(MergeRouter):
+    name = "merge-linear"
+
+
+class MergeTiesRouter(MergeRouter):
+    name = "merge-ties"
+
+
+class MergeCatRouter(MergeRouter):
+    name = "merge-cat"

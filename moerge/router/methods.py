@@ -1,5 +1,17 @@
-"""Import every routing method so that it registers its name."""
+"""Every routing method, by name: the one table that `make_router` and `method_names` read."""
 
-from moerge.router import (  # noqa: F401
-    arrow, base_method, embed, glider, glider_global, merge, oracle, phatgoose, retrieval,
-)
+from moerge.router.arrow import ArrowRouter
+from moerge.router.base import Router
+from moerge.router.base_method import BaseRouter
+from moerge.router.embed import EmbedRouter
+from moerge.router.glider import GliderRouter
+from moerge.router.glider_global import GliderGlobalRouter
+from moerge.router.merge import MergeCatRouter, MergeLinearRouter, MergeTiesRouter
+from moerge.router.oracle import OracleRouter
+from moerge.router.phatgoose import PhatgooseRouter
+from moerge.router.retrieval import RetrievalRouter
+
+METHODS: dict[str, type[Router]] = {cls.name: cls for cls in (
+    BaseRouter, OracleRouter, RetrievalRouter, EmbedRouter, GliderGlobalRouter,
+    ArrowRouter, PhatgooseRouter, GliderRouter, MergeLinearRouter, MergeTiesRouter, MergeCatRouter,
+)}

@@ -1,9 +1,8 @@
 """`oracle`: the expert trained on the request's task (needs the task label; an eval upper bound)."""
 
-from moerge.router.base import ExpertScore, Router, RoutingDecision, register
+from moerge.router.base import ExpertScore, Router, RoutingDecision
 
 
-@register
 class OracleRouter(Router):
     name = "oracle"
 

@@ -6,11 +6,9 @@ back to their card vector so that they can still be chosen.
 
 import numpy as np
 
-from moerge.router.base import register
 from moerge.router.sequence import SequenceRouter
 
 
-@register
 class RetrievalRouter(SequenceRouter):
     name = "retrieval"
     max_examples = 1000

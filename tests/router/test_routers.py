@@ -31,6 +31,17 @@ def test_every_method_of_the_design_is_registered():
             "merge-linear", "merge-ties", "merge-cat"} <= set(method_names())
 
 
+def test_the_method_table_holds_every_named_router_class_under_its_name():
+    from moerge.router.base import Router
+    from moerge.router.methods import METHODS
+
+    def named(cls):
+        for sub in cls.__subclasses__():
+            yield from ([sub] if sub.name else []) + list(named(sub))
+    assert all(METHODS[name].name == name for name in METHODS)
+    assert {cls for cls in named(Router) if cls.__module__.startswith("moerge.router.")} == set(METHODS.values())
+
+
 @pytest.mark.parametrize("method", ["embed", "retrieval"])
 def test_sequence_router_ranks_the_right_expert_first(ctx, method):
     r = make_router(method, ctx)

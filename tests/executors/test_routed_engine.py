@@ -55,6 +55,7 @@ def _ids(base_dir):
     return torch.tensor([tok("route every token through the experts")["input_ids"]])
 
 
+@pytest.mark.real
 def test_one_expert_weight_one_equals_adapter_merged_into_base(setup):
     pool, engine, adapters, base = setup
     ids = _ids(base)
@@ -67,6 +68,7 @@ def test_one_expert_weight_one_equals_adapter_merged_into_base(setup):
     assert (base_logits - want).abs().max() > 1e-2   # the adapter does change the output
 
 
+@pytest.mark.real
 @pytest.mark.parametrize("method,fn", [("merge-cat", merge_cat), ("merge-linear", merge_linear),
                                        ("merge-ties", merge_ties)])
 def test_static_merges_equal_explicit_merged_weights(setup, method, fn):
@@ -82,6 +84,7 @@ def test_static_merges_equal_explicit_merged_weights(setup, method, fn):
     assert torch.allclose(got, want, atol=2e-4), float((got - want).abs().max())
 
 
+@pytest.mark.real
 def test_all_experts_equal_weights_equals_cat_merge_scaled(setup):
     pool, engine, adapters, base = setup
     ids = _ids(base)
@@ -115,6 +118,7 @@ def _token_plan(engine, pool, mode="arrow", bias=None, top_k=2):
     return engine.row_plan(d, _Router(mode, top_k, tables)), d
 
 
+@pytest.mark.real
 def test_request_gets_same_tokens_alone_and_batched_with_adversarial_requests(setup):
     pool, engine, adapters, base = setup
     tok = engine.tok
@@ -135,6 +139,7 @@ def test_request_gets_same_tokens_alone_and_batched_with_adversarial_requests(se
     assert len(alone.tokens) > 0
 
 
+@pytest.mark.real
 def test_token_routing_fills_per_layer_usage(setup):
     pool, engine, adapters, base = setup
     plan, decision = _token_plan(engine, pool)
@@ -145,6 +150,7 @@ def test_token_routing_fills_per_layer_usage(setup):
         assert abs(sum(shares.values()) - 1) < 1e-3 and set(shares) <= set(NAMES)
 
 
+@pytest.mark.real
 def test_bias_towards_one_expert_routes_every_token_to_it(setup):
     pool, engine, adapters, base = setup
     plan, _ = _token_plan(engine, pool, bias={"e2": 1e3}, top_k=1)
@@ -157,6 +163,7 @@ def test_bias_towards_one_expert_routes_every_token_to_it(setup):
         assert shares["e2"] == pytest.approx(3 / 7, abs=1e-3)
 
 
+@pytest.mark.real
 def test_rows_sharing_gates_are_gated_together_but_keep_their_own_bias(setup):
     """Rows with the same gate tensors go through one gating matmul per layer; each row's bias,
     tokens and usage must still be what it gets alone."""

@@ -169,16 +169,39 @@ def test_32_concurrent_chats_while_an_expert_registers(server, adapter):
     assert codes == [200] * 32
 
 
+def _metrics(url) -> dict[tuple, float]:
+    from prometheus_client.parser import text_string_to_metric_families
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(httpx.get(f"{url}/metrics").text) for s in family.samples}
+
+
 @pytest.mark.real
-def test_stream_carries_routing_in_first_chunk_and_metrics_count(server):
+def test_stream_carries_routing_in_first_chunk_and_metrics_count_each_request(server):
     url, _ = server
     from openai import OpenAI
     client = OpenAI(base_url=url + "/v1", api_key="user-key")
+    before = _metrics(url)
     chunks = list(client.chat.completions.create(model="base", max_tokens=6, stream=True,
                                                  messages=[{"role": "user", "content": "hi"}]))
     assert chunks[0].model_extra["moerge"]["method"] == "base"
-    text = httpx.get(f"{url}/metrics").text
-    assert "moerge_requests_total" in text and "moerge_routing_seconds" in text
+    usage = next(c.usage for c in chunks if c.usage)
+    anonymous = httpx.post(f"{url}/v1/chat/completions",
+                           json={"model": "base", "messages": [{"role": "user", "content": "hi"}]})
+    assert anonymous.status_code == 401
+    after = _metrics(url)
+
+    def delta(name, **labels):
+        key = (name, tuple(sorted(labels.items())))
+        return after.get(key, 0.0) - before.get(key, 0.0)
+
+    assert delta("moerge_requests_total", path="/v1/chat/completions", status="200") == 1
+    assert delta("moerge_requests_total", path="/v1/chat/completions", status="401") == 1
+    assert delta("moerge_requests_total", path="/metrics", status="200") == 1    # the scrape before
+    assert delta("moerge_request_seconds_count", path="/v1/chat/completions") == 2
+    assert delta("moerge_routing_seconds_count", method="base") == 1             # the 401 was never routed
+    assert delta("moerge_expert_requests_total", expert="(base)") == 1
+    assert delta("moerge_tokens_total", kind="completion") == usage.completion_tokens > 0
+    assert delta("moerge_tokens_total", kind="prompt") == usage.prompt_tokens > 0
 
 
 @pytest.mark.real

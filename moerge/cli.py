@@ -229,15 +229,14 @@ def route(prompt: str, method: str = typer.Option("glider-global", "--method", "
         console.print(f"instruction: {decision.instruction}")
 
 
+def _system(executor: str = "reference"):
+    """The configured pool and routers, on the reference engine (starts in seconds, no vLLM)."""
+    from moerge.startup import start
+    return start(get_settings(), executor=executor, progress=lambda m: err.print(m))
+
+
 def _router_context():
-    from moerge.assets import ensure_base_model
-    from moerge.router.factory import build_context
-    s = get_settings()
-    pool = _pool()
-    if s.bundled_pool:
-        from moerge.experts.bundled import load_bundled
-        load_bundled(pool, progress=lambda m: err.print(m))
-    return build_context(pool, ensure_base_model(s))
+    return _system().router_ctx
 
 
 @app.command()
@@ -250,23 +249,21 @@ def calibrate(out: Optional[Path] = typer.Option(None, "--out", help="default: t
     from moerge.router.calibrate import calibrate as run
     from moerge.router.calibrate import calibrate_alpha
     from moerge.router.context import CALIBRATION_FILE
-    ctx = _router_context()
+    system = _system()
+    ctx = system.router_ctx
     cal = run(ctx, out_of_domain_prompts())
     for m, thr in cal.thresholds.items():
         console.print(f"{m}: threshold {thr:.4f}  {cal.detail[m]}")
     if alpha:
-        from moerge.assets import ensure_base_model
-        from moerge.executors.routed import RoutedEngine
         ctx.calibration = cal          # glider reads the fresh glider-global threshold
-        from moerge.models.chat import encode_chat
-        engine = RoutedEngine.from_folder(ensure_base_model(get_settings()), ctx.pool)
 
         def answer(router, prompts, params):
-            ids = [encode_chat(engine.tok, [{"role": "user", "content": p}]) for p in prompts]
-            plans = [engine.row_plan(router.route(p), router) for p in prompts]
-            return [r.text for r in engine.generate_batch(ids, plans, params)]
+            ids = [system.encode([{"role": "user", "content": p}]) for p in prompts]
+            plans = [system.plan(router.route(p)) for p in prompts]
+            return [g.text for g in system.generate_many(ids, params, plans)]
 
-        cal.alpha, cal.detail["glider_alpha"] = calibrate_alpha(ctx, answer, engine.tok, progress=err.print)
+        tok = system.local[-1].tokenizer
+        cal.alpha, cal.detail["glider_alpha"] = calibrate_alpha(ctx, answer, tok, progress=err.print)
         console.print(f"glider: α = {cal.alpha}  {cal.detail.get('glider_alpha')}")
     else:
         cal.alpha = ctx.calibration.alpha
@@ -286,8 +283,9 @@ def eval_cmd(
     endpoint: Optional[str] = typer.Option(None, "--endpoint", help="score an OpenAI-compatible endpoint instead"),
     model: str = typer.Option("auto", "--model", help="model name to send to --endpoint"),
     api_key: str = typer.Option("none", "--api-key"),
-    engine: str = typer.Option("auto", "--engine", help="auto: vLLM (fp32) for base and one-expert plans, the "
-                               "reference engine for mixtures and merges | reference: everything in the reference engine"),
+    engine: str = typer.Option("auto", "--engine", help="auto: vLLM (fp32) for every plan it runs (base, adapters, "
+                               "token and static mixtures), the reference engine for TIES | reference: everything "
+                               "in the reference engine"),
 ) -> None:
     """Evaluate routing methods side by side (or an OpenAI-compatible endpoint)."""
     if engine not in ("auto", "reference"):
@@ -312,18 +310,12 @@ def eval_cmd(
         if unknown:
             fail(f"unknown method(s) {unknown}: choose from {', '.join(known)}")
         specs = [known[m] for m in methods]
-    pool, ref_engine, ctx, namespace = prepare(get_settings())
-    fast = None
-    if engine == "auto":
-        from moerge.eval.run import FastEngine
-        fast = FastEngine(get_settings(), pool)
+    system, namespace = prepare(get_settings(), engine=engine, progress=lambda m: err.print(m))
     try:
-        report = evaluate(pool, ref_engine, ctx, methods=specs, tasks=task_list, n=n, out=out,
-                          cache_path=out / "generations.sqlite", namespace=namespace, with_best_single=not quick,
-                          fast=fast)
+        report = evaluate(system, methods=specs, tasks=task_list, n=n, out=out,
+                          cache_path=out / "generations.sqlite", namespace=namespace, with_best_single=not quick)
     finally:
-        if fast is not None:
-            fast.shutdown()
+        system.shutdown()
     from moerge.eval.report import results_table
     console.print(results_table(report))
     console.print(f"wrote {out / 'report.md'} and plots")

@@ -59,8 +59,11 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = 8000
     executor: str = Field(default="vllm", description="vllm | reference")
-    vllm_max_loras: int = Field(default=12, description="adapters in one vLLM batch")
-    vllm_max_lora_rank: int = Field(default=16, description="largest adapter rank vLLM serves")
+    vllm_max_experts: int = Field(default=64, ge=1, description="LoRA experts resident in the vLLM engine at "
+                                  "once (least recently used ones not in flight are evicted past that)")
+    vllm_max_lora_rank: int = Field(default=64, ge=1, description="largest expert rank vLLM serves (higher "
+                                    "ranks run on the reference engine, stated in the routing info)")
+    vllm_max_num_seqs: int = Field(default=64, ge=1, description="requests in one vLLM batch")
     vllm_dtype: str = "bfloat16"
     vllm_cpu_threads: str = Field(default="auto", description="vLLM CPU compute cores: auto (vLLM's default: "
                                   "on this 2-core machine one core, the other reserved) | all | a list like 0-3")
@@ -77,6 +80,9 @@ class Settings(BaseSettings):
     api_keys: list[str] = Field(default_factory=list, description="user keys for chat; empty = open")
     rate_limit_per_minute: int = Field(default=0, description="per key; 0 = unlimited")
     threads: int = Field(default=0, description="torch threads; 0 = torch default")
+    reports_dirs: list[Path] = Field(default_factory=lambda: [Path("docs/results"), Path("runs")],
+                                     description="folders whose report.json (in them or one level down) the "
+                                     "console's Evaluation page and `moerge reports` show; relative to the cwd")
 
     @classmethod
     def settings_customise_sources(

@@ -1,8 +1,9 @@
 """`moerge eval`: every routing method side by side on held-in and held-out tasks, with bounds
 (base, oracle, best single expert) and costs (routing latency, tokens/s, memory).
 
-Generation runs in the routed reference engine in small batches; every row carries its own
-plan, and routing never depends on the batch, so batching is only a speed-up. Generations
+Every routing decision becomes an execution plan that names its engine (vLLM for all it runs);
+every row carries its own plan, and routing never depends on the batch, so batching is only a
+speed-up. Generations
 are cached on disk by (library version, plan, prompt): an interrupted run resumes, and
 methods that make the same plan for a prompt share one generation.
 """
@@ -42,83 +43,49 @@ def default_methods(quick: bool = False, alphas=(1.0, 3.0, 10.0, 30.0, 100.0)) -
     return specs
 
 
-def plan_signature(d: RoutingDecision, router) -> str:
-    if d.abstained or not d.chosen:
-        return "base"
-    if d.granularity == "sequence":
-        return "fixed:" + ",".join(d.chosen)
-    if d.granularity == "static":
-        return d.method
-    bias = ",".join(f"{n}={d.bias.get(n, 0.0):.5f}" for n in d.chosen) if d.bias else ""
-    return f"token:{router.mode}:{router.role}:k={router.top_k}:t={router.temperature}:{','.join(d.chosen)}:{bias}"
-
-
 def max_tokens_for(task, tokenizer, samples) -> int:
     return max(8, max(len(tokenizer(s.answer)["input_ids"]) for s in samples) + 6)
 
 
 class Evaluator:
-    """Runs methods over tasks. Rows whose plan is the base model or one LoRA expert go to
-    `fast` (the vLLM executor, fp32 like the reference engine) when given; every other plan
-    (token-level mixtures, merges) runs in the routed reference engine. The cache key names
-    the engine, so a generation is only reused by the engine that made it."""
+    """Runs methods over tasks. Each routing decision becomes an execution plan
+    (moerge.plan.make_plan), which names its engine: vLLM for every plan it runs, the reference
+    engine for the rest (TIES) or for all with `--engine reference`. Every engine gets a task's
+    rows in one call, plans mixed. The cache key is the engine plus the plan's signature, so a
+    generation is only reused for the same computation on the same engine."""
 
-    def __init__(self, pool, engine, ctx, cache: GenerationCache, batch_size: int = 16, fast=None):
-        self.pool, self.engine, self.ctx, self.cache = pool, engine, ctx, cache
-        self.batch_size = batch_size
-        self.fast = fast
-        self.expert_of_task = {(c.extra or {}).get("task"): c.name for c in pool.list() if c.kind == "lora"}
-        self.engine_rows: dict[str, int] = {"reference": 0, "vllm": 0}
+    def __init__(self, system, cache: GenerationCache):
+        self.system, self.cache = system, cache
+        self.pool, self.ctx = system.pool, system.router_ctx
+        self.tok = system.local[-1].tokenizer
+        self.expert_of_task = {(c.extra or {}).get("task"): c.name for c in self.pool.list() if c.kind == "lora"}
+        self.engine_rows: dict[str, int] = {}
 
-    def _fast_target(self, d: RoutingDecision) -> tuple[bool, str | None]:
-        """(runs on the fast engine, adapter name or None for the base model): vLLM's own rule."""
-        if self.fast is None:
-            return False, None
-        from moerge.executors.vllm_engine import vllm_target
-        adapter, why = vllm_target(d, self.pool, self.fast.max_lora_rank)
-        return not why, adapter
-
-    def generate(self, samples, decisions, router, max_tokens: int) -> list[dict]:
+    def generate(self, samples, decisions, max_tokens: int) -> list[dict]:
         """One record per sample: text, tokens, seconds, layer_usage, engine (cached by engine + plan)."""
         out: list[dict | None] = [None] * len(samples)
-        ref_todo, fast_todo = [], []
+        todo = []
         for i, (s, d) in enumerate(zip(samples, decisions)):
-            on_fast, adapter = self._fast_target(d)
-            engine = "vllm" if on_fast else "reference"
-            key = self.cache.key(f"{engine}|{plan_signature(d, router)}", s.prompt, max_tokens)
+            plan = self.system.plan(d)
+            key = self.cache.key(f"{plan.engine}|{plan.signature()}", s.prompt, max_tokens)
             hit = self.cache.get(key)
             if hit is not None:
                 out[i] = hit
-            elif on_fast:
-                fast_todo.append((i, key, adapter))
             else:
-                ref_todo.append((i, key))
-        params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
-        if fast_todo:
-            prompts = [self.engine.encode_chat([{"role": "user", "content": samples[i].prompt}]) for i, _, _ in fast_todo]
+                todo.append((i, key, plan))
+        if todo:
+            params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
+            prompts = [self.system.encode([{"role": "user", "content": samples[i].prompt}]) for i, _, _ in todo]
             t0 = time.perf_counter()
-            results = self.fast.generate_many(prompts, params, [a for _, _, a in fast_todo])
-            share = (time.perf_counter() - t0) / len(fast_todo)
+            gens = self.system.generate_many(prompts, params, [p for _, _, p in todo])
+            share = (time.perf_counter() - t0) / len(todo)
             fresh = {}
-            for (i, key, _), (text, toks) in zip(fast_todo, results):
-                out[i] = fresh[key] = {"text": text, "tokens": len(toks), "seconds": share, "layer_usage": {},
-                                       "engine": "vllm"}
+            for (i, key, plan), g in zip(todo, gens):
+                out[i] = fresh[key] = {"text": g.text, "tokens": g.completion_tokens, "seconds": share,
+                                       "layer_usage": {str(k): v for k, v in g.layer_usage.items()},
+                                       "engine": plan.engine}
+                self.engine_rows[plan.engine] = self.engine_rows.get(plan.engine, 0) + 1
             self.cache.put_many(fresh)
-            self.engine_rows["vllm"] += len(fast_todo)
-        for j in range(0, len(ref_todo), self.batch_size):
-            chunk = ref_todo[j:j + self.batch_size]
-            prompts = [self.engine.encode_chat([{"role": "user", "content": samples[i].prompt}]) for i, _ in chunk]
-            plans = [self.engine.row_plan(decisions[i], router) for i, _ in chunk]
-            t0 = time.perf_counter()
-            results = self.engine.generate_batch(prompts, plans, params)
-            share = (time.perf_counter() - t0) / len(chunk)
-            fresh = {}
-            for (i, key), r in zip(chunk, results):
-                rec = {"text": r.text, "tokens": len(r.tokens), "seconds": share,
-                       "layer_usage": {str(k): v for k, v in r.layer_usage.items()}, "engine": "reference"}
-                out[i] = fresh[key] = rec
-            self.cache.put_many(fresh)
-            self.engine_rows["reference"] += len(chunk)
         return out  # type: ignore[return-value]
 
     def run_method(self, spec: MethodSpec, tasks: list[str], n: int, bar) -> dict:
@@ -134,7 +101,7 @@ class Evaluator:
                 d = router.route(s.prompt, task=task_name)
                 lat.append(d.latency_ms)
                 decisions.append(d)
-            recs = self.generate(samples, decisions, router, max_tokens_for(task, self.engine.tok, samples))
+            recs = self.generate(samples, decisions, max_tokens_for(task, self.tok, samples))
             correct = [task.score(r["text"], s.answer) for r, s in zip(recs, samples)]
             engines.update(r.get("engine", "reference") for r in recs)
             tokens += sum(r["tokens"] for r in recs)
@@ -171,8 +138,8 @@ class Evaluator:
             per_expert = {}
             pinned = [RoutingDecision("pinned", "sequence", experts=[ExpertScore(e, 1.0)], chosen=[e]) for e in experts]
             # every expert's rows in one call, so the fast engine batches mixed adapters together
-            recs = self.generate([s for _ in experts for s in samples], [d for d in pinned for _ in samples], None,
-                                 max_tokens_for(task, self.engine.tok, samples))
+            recs = self.generate([s for _ in experts for s in samples], [d for d in pinned for _ in samples],
+                                 max_tokens_for(task, self.tok, samples))
             for k, e in enumerate(experts):
                 mine = recs[k * len(samples):(k + 1) * len(samples)]
                 acc = sum(task.score(r["text"], s.answer) for r, s in zip(mine, samples)) / len(samples)
@@ -231,11 +198,12 @@ def _summarise(res: dict, tasks: list[str]) -> None:
     res["routing_top1_held_in"] = statistics.mean(top1) if top1 else None
 
 
-def evaluate(pool, engine, ctx, *, methods: list[MethodSpec], tasks: list[str], n: int, out: Path,
-             cache_path: Path, namespace: str, with_best_single: bool = True, fast=None) -> dict:
+def evaluate(system, *, methods: list[MethodSpec], tasks: list[str], n: int, out: Path,
+             cache_path: Path, namespace: str, with_best_single: bool = True) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     cache = GenerationCache(cache_path, namespace)
-    ev = Evaluator(pool, engine, ctx, cache, fast=fast)
+    ev = Evaluator(system, cache)
+    pool = system.pool
     t0 = time.time()
     steps = len(methods) * len(tasks) + (len([t for t in tasks if t in HELD_OUT]) if with_best_single else 0)
     report = {"config": {"n": n, "tasks": tasks, "methods": [m.label for m in methods], "eval_seed": EVAL_SEED,

@@ -10,9 +10,7 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 
-import torch
-
-from moerge.models.chat import encode_chat, stop_token_ids
+from collections.abc import Callable
 
 SYSTEM = ("You describe tasks. Given a user request, reply with one short sentence saying what kind of "
           "task it is, as an instruction. Do not answer the request.")
@@ -28,9 +26,11 @@ def normalise_query(q: str) -> str:
 
 
 class InstructionWriter:
-    def __init__(self, model, tokenizer, max_new_tokens: int = 24, cache_size: int = 4096):
-        self.model = model
-        self.tok = tokenizer
+    """`complete(messages, max_tokens) -> text` is the base model on the serving engine (greedy), so
+    concurrent uncached routings share the engine's batches and no second copy of the model loads."""
+
+    def __init__(self, complete: Callable[[list[dict], int], str], max_new_tokens: int = 24, cache_size: int = 4096):
+        self.complete = complete
         self.max_new_tokens = max_new_tokens
         self._cache: OrderedDict[str, str] = OrderedDict()
         self.cache_size = cache_size
@@ -45,13 +45,8 @@ class InstructionWriter:
         msgs.append({"role": "user", "content": f"Request: {query}"})
         return msgs
 
-    @torch.inference_mode()
     def _generate(self, query: str) -> str:
-        ids = torch.tensor([encode_chat(self.tok, self._messages(query))])   # [1, prompt_len]
-        out = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
-                                  max_new_tokens=self.max_new_tokens, do_sample=False,
-                                  eos_token_id=stop_token_ids(self.tok), pad_token_id=self.tok.pad_token_id)
-        text = self.tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+        text = self.complete(self._messages(query), self.max_new_tokens).strip()
         return text.split("\n")[0].strip()
 
     def write(self, query: str) -> tuple[str, bool]:

@@ -1,25 +1,25 @@
-"""What the service holds while it runs: settings, the pool, routers, executors, and the plan for a request."""
+"""What the service holds while it runs (a started `System`), and how one request is routed and run."""
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
 
-from moerge.config import Settings
 from moerge.experts.errors import ExpertError, UnknownExpertError
-from moerge.experts.pool import ExpertPool
 from moerge.models.generation import Generation, SamplingParams
+from moerge.plan import ExecutionPlan
 from moerge.router.base import ExpertScore, RoutingDecision, make_router, method_names, query_text
+from moerge.startup import System
 
 
 @dataclass
-class Plan:
-    """How one request is answered, and why (returned with every answer)."""
+class RequestPlan:
+    """How one request is answered, and why: the routing decision, the execution plan that ran, and
+    for token-level plans the per-layer expert usage measured while generating."""
 
     decision: RoutingDecision
-    router: object = None
-    target: str = "lora"            # "lora" (the executor) | "model" (a whole-model expert)
-    notes: list[str] = field(default_factory=list)
+    execution: ExecutionPlan
+    layer_usage: dict[int, dict[str, float]] = field(default_factory=dict)
 
     @property
     def method(self) -> str:
@@ -28,26 +28,34 @@ class Plan:
     def info(self) -> dict:
         out = self.decision.to_json()
         out["routing_ms"] = out.pop("latency_ms")
-        if self.notes:
-            out["notes"] = list(self.notes)
+        out.update(self.execution.info())
+        if self.layer_usage:
+            out["layer_usage"] = {str(k): v for k, v in self.layer_usage.items()}
         return out
 
     def headers(self) -> dict:
         chosen = self.decision.chosen if not self.decision.abstained else []
-        return {"x-moerge-method": self.decision.method, "x-moerge-experts": ",".join(chosen)}
+        if self.execution.kind == "base":
+            chosen = []
+        return {"x-moerge-method": self.decision.method, "x-moerge-experts": ",".join(chosen),
+                "x-moerge-engine": self.execution.engine}
 
 
 class Runtime:
-    def __init__(self, settings: Settings, pool: ExpertPool, executor, router_ctx=None, remote=None):
-        self.settings = settings
-        self.pool = pool
-        self.executor = executor
-        self.router_ctx = router_ctx
-        self.remote = remote
+    def __init__(self, system: System):
+        self.system = system
+        self.settings = system.settings
+        self.pool = system.pool
+        self.router_ctx = system.router_ctx
         self._routers: dict[str, object] = {}
 
+    @property
+    def executor(self):
+        """The preferred engine (the console's Health page describes it)."""
+        return self.system.local[0]
+
     def readiness(self) -> tuple[bool, dict]:
-        ready = getattr(self.executor, "ready", lambda: True)()
+        ready = self.executor.ready()
         return ready, {"executor": self.executor.name, "experts": len(self.pool.names())}
 
     def model_ids(self) -> list[str]:
@@ -60,38 +68,36 @@ class Runtime:
             self._routers[method] = make_router(method, self.router_ctx)
         return self._routers[method]
 
-    def plan(self, model: str, messages: list[dict]) -> Plan:
+    def decide(self, model: str, messages: list[dict]) -> RoutingDecision:
         t0 = time.perf_counter()
-        query = query_text(messages)
         if model == "base":
             d = RoutingDecision("base", "none", abstained=True)
-            plan = Plan(d)
         elif model == "auto" or model.startswith("moerge:"):
             method = self.settings.routing_method if model == "auto" else model.split(":", 1)[1]
             if method == "oracle":
                 raise ExpertError("the oracle router needs task labels; it exists for evaluation only")
-            router = self.router(method)
-            plan = Plan(router.route(query), router)
+            d = self.router(method).route(query_text(messages))
         else:
             card = self.pool.registry.get(model)
             if card is None:
                 raise UnknownExpertError(f"model {model!r} is not served here: use 'auto', 'base', "
                                          "'moerge:<method>' or an expert name from GET /v1/models")
             d = RoutingDecision("pinned", "sequence", experts=[ExpertScore(card.name, 1.0)], chosen=[card.name])
-            plan = Plan(d, target="model" if card.kind == "model" else "lora")
-        if plan.decision.chosen and plan.target == "lora" and plan.decision.granularity == "sequence":
-            kinds = {c.name: c.kind for c in self.pool.list()}
-            if kinds.get(plan.decision.chosen[0]) == "model":
-                plan.target = "model"
-        plan.decision.latency_ms = (time.perf_counter() - t0) * 1000
-        return plan
+        d.latency_ms = (time.perf_counter() - t0) * 1000
+        return d
 
-    def generate(self, messages: list[dict], params: SamplingParams, plan: Plan) -> Generation:
-        if plan.target == "model":
-            return self.remote.generate(messages, params, plan, fallback=self.executor)
-        return self.executor.generate(messages, params, plan)
+    def plan(self, model: str, messages: list[dict]) -> RequestPlan:
+        d = self.decide(model, messages)
+        return RequestPlan(d, self.system.plan(d))
 
-    def stream(self, messages: list[dict], params: SamplingParams, plan: Plan):
-        if plan.target == "model":
-            return self.remote.stream(messages, params, plan, fallback=self.executor)
-        return self.executor.stream(messages, params, plan)
+    def generate(self, messages: list[dict], params: SamplingParams, rp: RequestPlan) -> Generation:
+        gen, rp.execution = self.system.generate(messages, params, rp.execution)
+        rp.layer_usage = gen.layer_usage
+        return gen
+
+    def stream(self, messages: list[dict], params: SamplingParams, rp: RequestPlan):
+        it, rp.execution = self.system.stream(messages, params, rp.execution)
+        for delta in it:
+            if delta.layer_usage:
+                rp.layer_usage = delta.layer_usage
+            yield delta

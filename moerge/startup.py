@@ -1,0 +1,152 @@
+"""The one way to start moerge: settings → assets → pool (+ bundled library) → engines → router context.
+
+The service, the CLI, the evaluation harness, the benchmarks and the tests all call `start`, and get
+a `System`: it turns routing decisions into execution plans (moerge.plan) and runs each plan on the
+engine the plan names.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+from moerge.config import Settings
+from moerge.models.generation import Generation, SamplingParams, StreamDelta
+from moerge.plan import Engines, ExecutionPlan, fallback_plan, make_plan
+from moerge.router.base import RoutingDecision
+
+log = logging.getLogger("moerge.startup")
+
+
+@dataclass
+class System:
+    settings: Settings
+    assets: object
+    pool: object
+    local: list = field(default_factory=list)       # LoRA-plan executors, preferred first
+    remote: object = None
+    router_ctx: object = None
+
+    # -- plans ---------------------------------------------------------------------------
+    def engines(self) -> Engines:
+        return Engines([ex.caps() for ex in self.local], remote=self.remote is not None)
+
+    def plan(self, decision: RoutingDecision | None) -> ExecutionPlan:
+        return make_plan(decision, self.pool, self.engines())
+
+    def executor(self, plan: ExecutionPlan):
+        if plan.engine == "remote":
+            return self.remote
+        for ex in self.local:
+            if ex.name == plan.engine:
+                return ex
+        raise RuntimeError(f"plan names engine {plan.engine!r}, which this system does not have")
+
+    def executor_named(self, name: str):
+        return next((ex for ex in [*self.local, self.remote] if ex is not None and ex.name == name), None)
+
+    # -- running -------------------------------------------------------------------------
+    def generate(self, messages: list[dict], params: SamplingParams, plan: ExecutionPlan
+                 ) -> tuple[Generation, ExecutionPlan]:
+        """(generation, the plan that really ran): a failed remote model is answered by the base model."""
+        from moerge.executors.remote import RemoteModelError
+        try:
+            return self.executor(plan).generate(messages, params, plan), plan
+        except RemoteModelError as e:
+            log.warning("%s", e)
+            plan = fallback_plan(plan, str(e), self.engines())
+            return self.executor(plan).generate(messages, params, plan), plan
+
+    def stream(self, messages: list[dict], params: SamplingParams, plan: ExecutionPlan
+               ) -> tuple[Iterator[StreamDelta], ExecutionPlan]:
+        from moerge.executors.remote import RemoteModelError
+        it = self.executor(plan).stream(messages, params, plan)
+        if plan.engine != "remote":
+            return it, plan
+        try:
+            first = next(it)
+        except StopIteration:
+            return iter(()), plan
+        except RemoteModelError as e:
+            log.warning("%s", e)
+            plan = fallback_plan(plan, str(e), self.engines())
+            return self.executor(plan).stream(messages, params, plan), plan
+
+        def chained():
+            yield first
+            yield from it
+        return chained(), plan
+
+    def generate_many(self, prompts: list[list[int]], params: SamplingParams, plans: list[ExecutionPlan]
+                      ) -> list[Generation]:
+        """Token-id prompts, each under its plan; every engine gets its rows in one call (so vLLM
+        batches them all, plans mixed)."""
+        out: list[Generation | None] = [None] * len(prompts)
+        by_engine: dict[str, list[int]] = {}
+        for i, p in enumerate(plans):
+            by_engine.setdefault(p.engine, []).append(i)
+        for engine, rows in by_engine.items():
+            ex = self.executor(plans[rows[0]])
+            gens = ex.generate_many([prompts[i] for i in rows], params, [plans[i] for i in rows])
+            for i, g in zip(rows, gens):
+                out[i] = g
+        return out  # type: ignore[return-value]
+
+    def encode(self, messages: list[dict]) -> list[int]:
+        from moerge.models.chat import encode_chat
+        return encode_chat(self.local[-1].tokenizer, messages)
+
+    def complete(self, messages: list[dict], max_tokens: int) -> str:
+        """Greedy base-model text on the preferred ready engine (the GLIDER instruction writer)."""
+        plan = self.plan(None)
+        return self.executor(plan).generate(messages, SamplingParams(max_tokens=max_tokens), plan).text
+
+    def describe(self) -> dict:
+        return {"engines": [ex.describe() for ex in self.local],
+                "remote": self.remote.describe() if self.remote is not None else None}
+
+    def shutdown(self) -> None:
+        for ex in self.local:
+            if hasattr(ex, "shutdown"):
+                ex.shutdown()
+
+
+def start(settings: Settings, *, executor: str | None = None, pool_dir=None, bundled: bool | None = None,
+          with_router: bool = True, with_writer: bool = True, vllm_options: dict | None = None,
+          progress: Callable[[str], None] = print) -> System:
+    """Start what `settings` describe. `executor`: "vllm" (vLLM first, the reference engine for what
+    vLLM cannot run and while it starts) or "reference" (only the reference engine).
+    `pool_dir` gives a private pool (SQLite inside it) instead of the configured one."""
+    from moerge.assets import ensure_assets
+    from moerge.experts.pool import open_pool
+
+    if settings.threads:
+        import torch
+        torch.set_num_threads(settings.threads)
+    assets = ensure_assets(settings, progress=progress)
+    if pool_dir is not None:
+        settings = settings.model_copy(update={"pool_dir": pool_dir, "database_url": None})
+    pool = open_pool(settings)
+    if settings.bundled_pool if bundled is None else bundled:
+        from moerge.experts.bundled import load_bundled
+        load_bundled(pool, progress=progress)
+    from moerge.executors.reference import ReferenceExecutor
+    from moerge.executors.remote import RemoteModelExecutor
+    local = [ReferenceExecutor(assets.base_model)]
+    kind = executor or settings.executor
+    if kind == "vllm":
+        from moerge.executors.vllm_engine import VllmExecutor
+        opts = dict(max_resident_experts=settings.vllm_max_experts, max_lora_rank=settings.vllm_max_lora_rank,
+                    max_num_seqs=settings.vllm_max_num_seqs, dtype=settings.vllm_dtype,
+                    cpu_threads=settings.vllm_cpu_threads)
+        opts.update(vllm_options or {})
+        local.insert(0, VllmExecutor(assets.base_model, **opts))
+    elif kind != "reference":
+        raise ValueError(f"executor {kind!r} is not available: use vllm or reference")
+    system = System(settings, assets, pool, local, RemoteModelExecutor())
+    if with_router:
+        from moerge.router.factory import build_context
+        system.router_ctx = build_context(pool, system.complete if with_writer else None,
+                                          embedder_path=str(assets.embedder))
+    return system

@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 from moerge.config import get_settings
+from moerge.service import console_cli
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -22,6 +23,9 @@ app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_
                   help="moerge: one OpenAI-compatible endpoint over a pool of routed experts.")
 experts_app = typer.Typer(no_args_is_help=True, help="Register, list, show and remove experts.")
 app.add_typer(experts_app, name="experts")
+# The web console's Evaluation and Health pages on the command line (moerge/service/console_cli.py).
+app.add_typer(console_cli.reports_app, name="reports")
+app.command("status")(console_cli.status)
 console = Console()
 err = Console(stderr=True)
 

@@ -17,6 +17,7 @@ from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
 from moerge.config import Settings
 from moerge.experts.errors import ExpertError
 from moerge.models.generation import SamplingParams
+from moerge.service.console_api import add_console
 from moerge.service.experts_api import build_router
 from moerge.service.ops import BodySizeLimit, KeyCheck, Metrics, RateLimiter
 from moerge.service.runtime import Runtime
@@ -99,6 +100,7 @@ def create_app(runtime: Runtime) -> FastAPI:
         return PlainTextResponse(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     app.include_router(build_router(runtime, keys))
+    add_console(app, runtime, keys, metrics)
 
     @app.post("/v1/route")
     async def route(req: RouteRequest, request: Request):
@@ -157,7 +159,8 @@ async def _sse(runtime: Runtime, metrics: Metrics, messages, params, plan, model
                 usage = {"prompt_tokens": delta.prompt_tokens, "completion_tokens": delta.completion_tokens,
                          "total_tokens": delta.prompt_tokens + delta.completion_tokens}
                 metrics.count_tokens(delta.prompt_tokens, delta.completion_tokens)
-                yield chunk({}, finish=delta.finish_reason, usage=usage)
+                # again with the routing explanation: token-level usage is only known now
+                yield chunk({}, finish=delta.finish_reason, usage=usage, moerge=plan.info())
     except Exception as e:  # an error after headers went out: tell the client in-band
         log.exception("stream failed")
         yield f"data: {json.dumps(error_body(str(e), 500, 'server_error'))}\n\n"

@@ -33,6 +33,7 @@ run: assets
 	$(VENV)/bin/moerge serve
 
 test: assets
+	bash scripts/ensure_chromium.sh
 	bash scripts/pytest.sh tests --durations=12
 
 test-fast: install

@@ -164,6 +164,7 @@ def test_console_registers_chats_explains_and_removes_an_expert(server, browser,
     # Token level: the last streamed chunk carries the per-layer usage; one heatmap row per expert.
     turn = _ask(page, "moerge:arrow", "Change the following text to upper case: a quiet morning")
     expect(turn.locator(".routing")).to_have_attribute("data-method", "arrow")
+    expect(turn.locator(".run-on")).to_contain_text("Plan: token mixture, run on the reference engine")
     heat = turn.locator("table.heatmap")
     expect(heat.locator("tbody tr")).to_have_count(2)
     layers = heat.locator("thead th.layer").count()

@@ -80,6 +80,14 @@
       box.appendChild(h("p", { class: "muted" }, "Per-request gate bias: ",
         Object.entries(info.bias).map(([e, b]) => `${e} ${fmt.num(b, 2)}`).join(", ")));
     }
+    if (info.plan) {
+      const gating = info.gating ? ` · gates ${info.gating.gate_set}, ${info.gating.mode}, top-${info.gating.top_k}, temperature ${info.gating.temperature}` : "";
+      box.appendChild(h("p", { class: "muted run-on" }, `Plan: ${info.plan.replace(/_/g, " ")}, run on the ${info.engine} engine${gating}.`));
+    }
+    if (info.fallback) box.appendChild(h("p", { class: "notice" }, `Fallback: ${typeof info.fallback === "string" ? info.fallback : JSON.stringify(info.fallback)}`));
+    if (info.detail && Object.keys(info.detail).length) {
+      box.appendChild(h("details", {}, h("summary", {}, "router detail"), h("code", { class: "json" }, JSON.stringify(info.detail, null, 1))));
+    }
     if (info.notes && info.notes.length) box.appendChild(h("ul", { class: "notes" }, info.notes.map((n) => h("li", {}, n))));
     if (info.layer_usage && Object.keys(info.layer_usage).length) box.appendChild(heatmap(info.layer_usage));
     else if (info.granularity === "token") box.appendChild(h("p", { class: "muted pending-usage" }, "Per-layer usage arrives with the last token."));

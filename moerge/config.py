@@ -79,6 +79,12 @@ class Settings(BaseSettings):
     admin_key: str | None = Field(default=None, description="key for expert changes; none = open")
     api_keys: list[str] = Field(default_factory=list, description="user keys for chat; empty = open")
     rate_limit_per_minute: int = Field(default=0, description="per key; 0 = unlimited")
+    max_streams_per_key: int = Field(default=0, ge=0, description="chat responses (streamed or not) one key may "
+                                     "have open at once, 429 past it; 0 = unlimited")
+    body_timeout_s: float = Field(default=120.0, gt=0, description="seconds a client has to send a whole request "
+                                  "body, 408 past it")
+    cors_origins: list[str] = Field(default_factory=list, description="origins allowed to call the API from a "
+                                    "browser; empty = no CORS headers at all")
     threads: int = Field(default=0, description="torch threads; 0 = torch default")
     reports_dirs: list[Path] = Field(default_factory=lambda: [Path("docs/results"), Path("runs")],
                                      description="folders whose report.json (in them or one level down) the "

@@ -68,3 +68,12 @@ class UnknownExpertError(ExpertError):
 
 class AdapterWeightsError(ExpertError):
     """The adapter weights file is missing, unreadable, or holds tensors moerge cannot use."""
+
+
+class UnsafeArchiveError(ExpertError):
+    """An uploaded archive that could harm the server: a tar bomb, a link, a device, a huge header."""
+
+
+class UnsupportedMediaTypeError(ExpertError):
+    """A request or an uploaded part whose type is not what moerge accepts, or not what it claims."""
+    status = 415

@@ -10,6 +10,8 @@ from collections.abc import Iterator
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.cors import CORSMiddleware
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel
 from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
@@ -19,7 +21,8 @@ from moerge.experts.errors import ExpertError
 from moerge.models.generation import SamplingParams
 from moerge.service.console_api import add_console
 from moerge.service.experts_api import build_router
-from moerge.service.ops import BodySizeLimit, KeyCheck, Metrics, RateLimiter
+from moerge.service.limits import KeyedLimits, RequestLimits
+from moerge.service.ops import KeyCheck, Metrics, RateLimiter
 from moerge.service.runtime import Runtime
 from moerge.service.schemas import ChatCompletionRequest, ChatMessage, completion_id, now
 
@@ -51,7 +54,11 @@ def create_app(runtime: Runtime) -> FastAPI:
     limiter = RateLimiter(runtime.settings.rate_limit_per_minute)
     metrics = Metrics()
     app.state.metrics = metrics
-    app.add_middleware(BodySizeLimit, limit=runtime.settings.max_request_bytes)
+    app.add_middleware(RequestLimits, limits=KeyedLimits(runtime.settings, keys))
+    if runtime.settings.cors_origins:   # off unless origins are listed: no CORS headers at all
+        app.add_middleware(CORSMiddleware, allow_origins=list(runtime.settings.cors_origins),
+                           allow_methods=["GET", "POST", "PATCH", "DELETE"],
+                           allow_headers=["authorization", "content-type"], allow_credentials=False)
 
     @app.middleware("http")
     async def _observe(request: Request, call_next):
@@ -84,7 +91,25 @@ def create_app(runtime: Runtime) -> FastAPI:
 
     @app.exception_handler(ExpertError)
     async def _expert_error(request: Request, exc: ExpertError):
-        return JSONResponse(error_body(exc.message, exc.status), status_code=exc.status)
+        retry = getattr(exc, "retry_after", None)
+        headers = {"Retry-After": str(retry)} if retry else None
+        return JSONResponse(error_body(exc.message, exc.status), status_code=exc.status, headers=headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException):
+        message = exc.detail if isinstance(exc.detail, str) else json.dumps(exc.detail)
+        if exc.status_code == 404:
+            message = f"no route {request.method} {request.url.path}: see GET /openapi.json for the API"
+        elif exc.status_code == 405:
+            message = f"{request.method} is not allowed on {request.url.path}: see GET /openapi.json for the API"
+        return JSONResponse(error_body(message, exc.status_code), status_code=exc.status_code,
+                            headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _server_error(request: Request, exc: Exception):
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return JSONResponse(error_body("internal server error: the server log has the details", 500,
+                                       "server_error"), status_code=500)
 
     @app.get("/healthz")
     async def healthz():

@@ -11,17 +11,45 @@ from typing import Optional
 
 from fastapi import APIRouter, Request, UploadFile
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 
-from moerge.experts.errors import ExpertError, UnknownExpertError
-from moerge.service.uploads import extract_tar, new_upload_dir, save_files
+from moerge.experts.errors import ExpertError, UnknownExpertError, UnsupportedMediaTypeError, UploadTooLargeError
+from moerge.service.archive import ArchiveLimits, archive_kind
+from moerge.service.uploads import MAX_FILES, check_part, extract_tar, new_upload_dir, save_files
+
+MAX_FORM_FIELDS = 32
 
 
 class ExpertPatch(BaseModel):
     description: Optional[str] = None
     tags: Optional[list[str]] = None
     examples: Optional[list[str]] = None
+
+
+class ModelExpertBody(BaseModel):
+    """JSON body registering a whole model."""
+    model_config = ConfigDict(extra="forbid")
+    kind: str = "model"
+    name: str
+    description: str = ""
+    model: Optional[str] = None
+    api_base: Optional[str] = None
+    api_key_env: Optional[str] = None
+    tags: list[str] = Field(default_factory=list, max_length=64)
+    examples: list[str] = Field(default_factory=list, max_length=256)
+
+
+def _model_body(body) -> ModelExpertBody:
+    if not isinstance(body, dict) or body.get("kind", "model") != "model":
+        raise ExpertError("a JSON body registers a whole model: {\"kind\": \"model\", \"name\", "
+                          "\"description\", \"model\", \"api_base\"}; upload LoRA files as multipart")
+    try:
+        return ModelExpertBody.model_validate(body)
+    except ValidationError as e:
+        err = e.errors()[0]
+        where = ".".join(str(x) for x in err.get("loc", ()))
+        raise ExpertError(f"invalid whole-model body: {where}: {err.get('msg')}") from None
 
 
 class GateExample(BaseModel):
@@ -66,18 +94,16 @@ def build_router(runtime, keys) -> APIRouter:
                 body = await request.json()
             except ValueError:
                 raise ExpertError("the body is not valid JSON") from None
-            if not isinstance(body, dict) or body.get("kind", "model") != "model":
-                raise ExpertError("a JSON body registers a whole model: {\"kind\": \"model\", \"name\", "
-                                  "\"description\", \"model\", \"api_base\"}; upload LoRA files as multipart")
+            spec = _model_body(body)
             card = await run_in_threadpool(
-                pool.register_model, body.get("name", ""), body.get("description", ""), model=body.get("model"),
-                api_base=body.get("api_base"), api_key_env=body.get("api_key_env"), tags=body.get("tags") or [],
-                examples=body.get("examples") or [])
+                pool.register_model, spec.name, spec.description, model=spec.model, api_base=spec.api_base,
+                api_key_env=spec.api_key_env, tags=spec.tags, examples=spec.examples)
             return JSONResponse(card_json(card), status_code=201)
         if not ctype.startswith("multipart/form-data"):
-            raise ExpertError("send multipart/form-data with the adapter files (or one tar.gz), "
-                              "or JSON for a whole model")
-        form = await request.form()
+            raise UnsupportedMediaTypeError(f"content type {ctype or 'none'!r} is not accepted here: send "
+                                            "multipart/form-data with the adapter files (or one tar.gz), "
+                                            "or application/json for a whole model")
+        form = await request.form(max_files=MAX_FILES, max_fields=MAX_FORM_FIELDS)
         name = form.get("name")
         if not isinstance(name, str):
             raise ExpertError("form field 'name' is required")
@@ -90,12 +116,18 @@ def build_router(runtime, keys) -> APIRouter:
             limit = runtime.settings.max_upload_bytes
             files = []
             for up in uploads:
-                data = await up.read(limit + 1)
-                files.append((up.filename or "", data))
-            if len(files) == 1 and files[0][0].endswith((".tar.gz", ".tgz", ".tar")):
-                if len(files[0][1]) > 4 * limit:
-                    raise ExpertError("the archive is too large")
-                extract_tar(folder, files[0][1], limit)
+                fname = up.filename or ""
+                cap = ArchiveLimits.for_upload(limit).max_total_bytes if archive_kind(fname) else limit
+                data = await up.read(cap + 1)
+                if len(data) > cap:
+                    raise UploadTooLargeError(f"{fname} is over the limit of {cap / 2**20:.1f} MiB: raise "
+                                              "MOERGE_MAX_UPLOAD_MB or upload a smaller adapter")
+                check_part(fname, up.content_type, data)
+                files.append((fname, data))
+            if any(archive_kind(fname) for fname, _ in files):
+                if len(files) != 1:
+                    raise ExpertError("send either one archive or the adapter's files, not both")
+                extract_tar(folder, files[0][1], limit, filename=files[0][0])
             else:
                 save_files(folder, files, limit)
             card = await run_in_threadpool(

@@ -1,4 +1,6 @@
-"""Operations: API keys, a per-key rate limit, a request size limit, Prometheus metrics."""
+"""Operations: API keys (compared in constant time, never logged), a per-key rate limit, Prometheus metrics.
+
+Per-key limits on body size, body deadline and open streams are ASGI middleware: moerge.service.limits."""
 
 from __future__ import annotations
 
@@ -8,7 +10,6 @@ import time
 from collections import defaultdict
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from starlette.types import ASGIApp, Receive, Scope, Send
 
 from moerge.config import Settings
 from moerge.experts.errors import ExpertError
@@ -25,8 +26,12 @@ class ForbiddenError(ExpertError):
 class RateLimitedError(ExpertError):
     status = 429
 
+    def __init__(self, message: str, retry_after: int = 1):
+        super().__init__(message)
+        self.retry_after = max(1, retry_after)
 
-def _same(a: str, b: str) -> bool:
+
+def same_key(a: str, b: str) -> bool:
     return hmac.compare_digest(a.encode(), b.encode())
 
 
@@ -51,7 +56,7 @@ class KeyCheck:
             return key or "anonymous"
         if key is None:
             raise AuthError("missing API key: send 'Authorization: Bearer <key>'")
-        if any(_same(key, k) for k in self.users) or (self.admin and _same(key, self.admin)):
+        if any(same_key(key, k) for k in self.users) or (self.admin and same_key(key, self.admin)):
             return key
         if not self.users:
             return key or "anonymous"    # only an admin key is set: chat stays open
@@ -63,9 +68,9 @@ class KeyCheck:
         key = self.bearer(header)
         if key is None:
             raise AuthError("missing admin key: send 'Authorization: Bearer <admin key>'")
-        if _same(key, self.admin):
+        if same_key(key, self.admin):
             return
-        if any(_same(key, k) for k in self.users):
+        if any(same_key(key, k) for k in self.users):
             raise ForbiddenError("this key may chat but not change experts: use the admin key")
         raise AuthError("invalid API key")
 
@@ -86,53 +91,11 @@ class RateLimiter:
             hits = [t for t in self._hits[key] if now - t < 60.0]
             if len(hits) >= self.per_minute:
                 self._hits[key] = hits
+                wait = int(60 - (now - hits[0])) + 1
                 raise RateLimitedError(f"rate limit of {self.per_minute} requests per minute reached: "
-                                       f"retry in {60 - (now - hits[0]):.0f} s")
+                                       f"retry in {wait} s", retry_after=wait)
             hits.append(now)
             self._hits[key] = hits
-
-
-class BodySizeLimit:
-    """ASGI middleware: refuse bodies over `limit` bytes with 413, by header or while streaming."""
-
-    def __init__(self, app: ASGIApp, limit: int):
-        self.app = app
-        self.limit = limit
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        for name, value in scope.get("headers", []):
-            if name == b"content-length" and value.isdigit() and int(value) > self.limit:
-                return await _too_large(send, self.limit)
-        seen = 0
-
-        async def limited_receive():
-            nonlocal seen
-            message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.limit:
-                    raise _BodyTooLarge()
-            return message
-
-        try:
-            await self.app(scope, limited_receive, send)
-        except _BodyTooLarge:
-            await _too_large(send, self.limit)
-
-
-class _BodyTooLarge(Exception):
-    pass
-
-
-async def _too_large(send: Send, limit: int) -> None:
-    import json
-    body = json.dumps({"error": {"message": f"request body over the limit of {limit} bytes",
-                                 "type": "invalid_request_error", "param": None, "code": "413"}}).encode()
-    await send({"type": "http.response.start", "status": 413,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
-    await send({"type": "http.response.body", "body": body})
 
 
 class Metrics:

@@ -12,8 +12,8 @@ from fastapi.responses import FileResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 
-from moerge.service import reports as eval_reports
 from moerge.experts.errors import ExpertError
+from moerge.service import reports as eval_reports
 from moerge.service.ops import KeyCheck, Metrics
 
 UI_DIR = Path(__file__).parent / "ui"
@@ -133,8 +133,9 @@ def build_console_router(runtime, keys: KeyCheck, metrics: Metrics) -> APIRouter
     @api.get("/v1/pool")
     async def pool(request: Request):
         user(request)
-        rows = await run_in_threadpool(pool_overview, runtime.pool, expert_usage(metrics))
-        return {"object": "list", "data": rows, "base_requests": expert_usage(metrics).get("(base)", 0)}
+        usage = expert_usage(metrics)
+        rows = await run_in_threadpool(pool_overview, runtime.pool, usage)
+        return {"object": "list", "data": rows, "base_requests": usage.get("(base)", 0)}
 
     @api.get("/v1/engine")
     async def engine(request: Request):

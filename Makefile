@@ -37,6 +37,7 @@ test: assets
 	bash scripts/pytest.sh tests --durations=12
 
 test-fast: install
+	bash scripts/ensure_chromium.sh
 	bash scripts/pytest.sh tests -m "not slow"
 
 bench: assets

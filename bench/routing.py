@@ -22,26 +22,19 @@ console = Console(width=150)
 
 @dataclass
 class Env:
-    pool: object
-    engine: object
+    system: object
+    engine: object      # the reference engine (RoutedEngine)
     ctx: object
 
     @classmethod
     def build(cls) -> "Env":
-        from moerge.assets import ensure_assets
-        from moerge.experts.bundled import load_bundled
-        from moerge.experts.pool import open_pool
-        from moerge.executors.routed import RoutedEngine
-        from moerge.router.factory import build_context
+        from moerge.startup import start
+        system = start(Settings(bundled_pool=True), executor="reference",
+                       pool_dir=Path(tempfile.mkdtemp(prefix="moerge-bench-")), progress=lambda m: None)
+        return cls(system, system.local[0].engine, system.router_ctx)
 
-        tmp = Path(tempfile.mkdtemp(prefix="moerge-bench-"))
-        settings = Settings(pool_dir=tmp, bundled_pool=True)
-        assets = ensure_assets(settings)
-        pool = open_pool(settings)
-        load_bundled(pool, progress=lambda m: None)
-        engine = RoutedEngine.from_folder(assets.base_model, pool)
-        ctx = build_context(pool, assets.base_model, embedder_path=str(assets.embedder))
-        return cls(pool, engine, ctx)
+    def row(self, decision):
+        return self.engine.row_plan(self.system.plan(decision))
 
 
 def _throughput(engine, prompts, plans, params, batch: int) -> float:
@@ -54,20 +47,20 @@ def _throughput(engine, prompts, plans, params, batch: int) -> float:
 
 
 def run_generation(env: Env, n_prompts: int = 8, max_tokens: int = 32) -> dict:
-    names = env.engine.sync_experts()
+    names = env.system.pool.names()
     if not names:
         raise SystemExit("no experts in the bundled library: run `moerge experts build` first")
     samples = [s for t in HELD_IN for s in get_task(t).samples(1, 5, "eval")][:n_prompts]
     prompts = [env.engine.encode_chat([{"role": "user", "content": s.prompt}]) for s in samples]
     params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
-    modes = {"base": lambda s: env.engine.row_plan(None),
-             "single adapter": lambda s: env.engine.row_plan(RoutingDecision("pinned", "sequence",
-                                                                            chosen=[s.task if s.task in names else names[0]]))}
+    modes = {"base": lambda s: env.row(None),
+             "single adapter": lambda s: env.row(RoutingDecision("pinned", "sequence",
+                                                                 chosen=[s.task if s.task in names else names[0]]))}
     arrow = make_router("arrow", env.ctx, top_k=2)
-    modes[f"arrow top-2 of {len(names)}"] = lambda s: env.engine.row_plan(arrow.route(s.prompt), arrow)
+    modes[f"arrow top-2 of {len(names)}"] = lambda s: env.row(arrow.route(s.prompt))
     ph = make_router("phatgoose", env.ctx, top_k=2)
     if ph.eligible():
-        modes[f"phatgoose top-2 of {len(ph.eligible())}"] = lambda s: env.engine.row_plan(ph.route(s.prompt), ph)
+        modes[f"phatgoose top-2 of {len(ph.eligible())}"] = lambda s: env.row(ph.route(s.prompt))
     table = Table("plan", "batch", "tokens/s", "÷ single adapter", "÷ base",
                   title=f"reference engine, {n_prompts} prompts × {max_tokens} new tokens")
     out = {}

@@ -1,9 +1,9 @@
-"""vLLM executor throughput with 1, 4 and 12 distinct adapters in a batch ÷ base-only, with
-moerge's grouped punica wrapper and with vLLM's own, on vLLM's default cores and on all
-cores (moerge's `vllm_cpu_threads`), and the service's added latency.
+"""vLLM executor throughput per plan mix ÷ base-only (1, 4, 12 distinct adapters; token-level
+arrow/phatgoose/glider top-2 of 12; a mixed batch), the same token-level plans on the reference
+engine, and the service's added latency.
 
-Each configuration is measured in the same engine (LoRA enabled, same compilation mode),
-one batch of N concurrent requests × M forced new tokens; ratios are within one engine.
+Each configuration is measured in the same engine (LoRA enabled, same compilation mode), one
+batch of N concurrent requests × M forced new tokens; ratios are within one engine and one run.
 """
 
 from __future__ import annotations
@@ -20,68 +20,97 @@ console = Console(width=150)
 N_PROMPTS, NEW_TOKENS = 48, 32
 
 
-def _one_engine(punica: str, cores: str = "auto") -> dict:
-    """Run in a child process so that MOERGE_VLLM_PUNICA reaches every vLLM process."""
+def _one_engine(cores: str = "all", reference: bool = True) -> dict:
+    """Run in a child process (vLLM's engine needs a __main__ guard; env reaches every vLLM process)."""
     code = f"""
-import json, sys, time, tempfile, asyncio
+import json, time, tempfile
+from dataclasses import replace
 from pathlib import Path
-from concurrent.futures import ThreadPoolExecutor
 from moerge.config import Settings
-from moerge.assets import ensure_assets
-from moerge.experts.pool import open_pool
-from moerge.experts.bundled import load_bundled
-from moerge.executors.vllm_engine import VllmExecutor
+from moerge.startup import start
 from moerge.models.generation import SamplingParams
-from moerge.models.chat import encode_chat
+from moerge.router.base import ExpertScore, RoutingDecision, make_router
 from moerge.tasks import HELD_IN, get_task
 if __name__ == "__main__":
-    s = Settings(pool_dir=Path(tempfile.mkdtemp()), bundled_pool=True)
-    a = ensure_assets(s)
-    pool = open_pool(s)
-    load_bundled(pool, progress=lambda m: None)
-    names = sorted(pool.names())
-    vx = VllmExecutor(a.base_model, pool, max_loras=12, max_num_seqs={N_PROMPTS}, max_lora_rank=16,
-                      cpu_threads="{cores}")
+    s = Settings(bundled_pool=True)
+    system = start(s, executor="vllm", pool_dir=Path(tempfile.mkdtemp()),
+                   vllm_options=dict(cpu_threads="{cores}", max_num_seqs=64), progress=lambda m: None)
+    vx, ref = system.local
     vx.wait_ready(900)
-    tok = vx.tokenizer
-    prompts = [s.prompt for t in HELD_IN for s in get_task(t).samples(4, 1, "eval")][:{N_PROMPTS}]
-    ids = [encode_chat(tok, [{{"role": "user", "content": p}}]) for p in prompts]
+    names = sorted(system.pool.names())
+    prompts = [x.prompt for t in HELD_IN for x in get_task(t).samples(4, 1, "eval")][:{N_PROMPTS}]
+    ids = [system.encode([{{"role": "user", "content": p}}]) for p in prompts]
     params = SamplingParams(max_tokens={NEW_TOKENS}, ignore_eos=True)
-    def run(adapters):
-        jobs = [(ids[i], adapters[i % len(adapters)] if adapters else None) for i in range(len(ids))]
+    pinned = lambda n: system.plan(RoutingDecision("pinned", "sequence", [ExpertScore(n, 1.0)], [n]))
+    base = system.plan(None)
+    routers = {{m: make_router(m, system.router_ctx) for m in ("arrow", "phatgoose", "glider")}}
+    token = {{m: [system.plan(r.route(p)) for p in prompts] for m, r in routers.items()}}
+    def mixed():
+        out = []
+        for i in range(len(prompts)):
+            out.append(base if i % 3 == 0 else pinned(names[i % len(names)]) if i % 3 == 1 else token["arrow"][i])
+        return out
+    configs = [("base", [base] * len(ids)), ("1 adapter", [pinned(names[0])] * len(ids)),
+               ("4 adapters", [pinned(names[i % 4]) for i in range(len(ids))]),
+               ("12 adapters", [pinned(names[i % 12]) for i in range(len(ids))]),
+               *[(f"{{m}} top-2 of 12", token[m]) for m in token], ("mixed", mixed()), ("base (again)", [base] * len(ids))]
+    def run(plans, executor=vx, n=None):
+        n = n or len(ids)
         t0 = time.perf_counter()
-        with ThreadPoolExecutor(len(jobs)) as ex:
-            outs = list(ex.map(lambda j: vx.generate_tokens(list(j[0]), params, j[1]), jobs))
-        n = sum(len(o.outputs[0].token_ids) for o in outs)
-        return n / (time.perf_counter() - t0)
-    run(names)            # warm-up: loads every adapter into the engine
-    run(None)
-    res = {{}}
-    for label, adapters in [("base", None), ("1 adapter", names[:1]), ("4 adapters", names[:4]),
-                            ("12 adapters", names[:12]), ("base (again)", None)]:
-        res[label] = run(adapters)
+        gens = executor.generate_many(ids[:n], params, plans[:n])
+        return sum(g.completion_tokens for g in gens) / (time.perf_counter() - t0)
+    run(configs[3][1]); run(token["glider"]); run([base] * len(ids))     # warm-up: experts resident
+    res = {{label: run(plans) for label, plans in configs}}
+    if {reference}:
+        # the reference engine on the same token-level plans (16 prompts: it is slow)
+        for m in ("arrow",):
+            run([replace(p, engine="reference") for p in token[m]], ref, 16)
+            res[f"{{m}} reference"] = run([replace(p, engine="reference") for p in token[m]], ref, 16)
+            res[f"{{m}} vllm 16"] = run(token[m], vx, 16)
+    # glider-global routing, uncached, 16 concurrent: the instruction writer batches on the same engine
+    from concurrent.futures import ThreadPoolExecutor
+    gg = make_router("glider-global", system.router_ctx)
+    queries = [x.prompt for t in HELD_IN for x in get_task(t).samples(2, 77, "eval")][:16]
+    system.router_ctx.instruction_writer.clear()
+    with ThreadPoolExecutor(16) as pool:
+        lat = list(pool.map(lambda q: gg.route(q).latency_ms, queries))
+    system.router_ctx.instruction_writer.clear()
+    seq = [gg.route(q).latency_ms for q in queries[:4]]
+    lat.sort()
+    res["glider_global_uncached_16"] = {{"p50": lat[len(lat) // 2], "p99": lat[-1], "alone_p50": sorted(seq)[2]}}
     print("RESULT" + json.dumps(res), flush=True)
-    vx.shutdown()
+    system.shutdown()
 """
-    env = {**os.environ, "MOERGE_VLLM_PUNICA": punica}
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=3600)
+    proc = subprocess.run([sys.executable, "-c", code], env=dict(os.environ), capture_output=True, text=True,
+                          timeout=3600)
     line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT")]
     if not line:
-        raise RuntimeError(f"vLLM bench ({punica}) failed:\n{proc.stderr[-3000:]}")
+        raise RuntimeError(f"vLLM bench failed:\n{proc.stderr[-3000:]}")
     import json
     return json.loads(line[-1][6:])
 
 
 def run_throughput() -> dict:
-    results = {f"{p}, {c} cores": _one_engine(p, c) for p, c in (("grouped", "auto"), ("vllm", "auto"),
-                                                                  ("grouped", "all"))}
-    table = Table("punica wrapper, cores", "base tok/s", "1 adapter ÷ base", "4 adapters ÷ base", "12 adapters ÷ base",
-                  title=f"vLLM CPU, {N_PROMPTS} concurrent requests × {NEW_TOKENS} tokens, bf16, r=4 adapters")
-    for p, r in results.items():
-        base = (r["base"] + r["base (again)"]) / 2
-        table.add_row(p, f"{base:.0f}", *(f"{r[k] / base:.2f}" for k in ("1 adapter", "4 adapters", "12 adapters")))
+    r = _one_engine("all")
+    base = (r["base"] + r["base (again)"]) / 2
+    table = Table("plan mix (every request its own plan)", "tok/s", "÷ base-only",
+                  title=f"vLLM CPU with the moerge plugin, {N_PROMPTS} concurrent requests × {NEW_TOKENS} tokens, "
+                        "bf16, r=4 experts, all cores")
+    for k, v in r.items():
+        if k in ("base (again)",) or k.endswith("reference") or k.endswith("vllm 16"):
+            continue
+        table.add_row(k, f"{v:.0f}", f"{v / base:.2f}")
     console.print(table)
-    return results
+    if "arrow reference" in r:
+        console.print(f"arrow top-2 of 12, 16 prompts × {NEW_TOKENS} tokens: vLLM {r['arrow vllm 16']:.0f} tok/s (bf16) "
+                      f"vs reference engine {r['arrow reference']:.0f} tok/s (fp32): "
+                      f"{r['arrow vllm 16'] / r['arrow reference']:.1f}×")
+    g = r.get("glider_global_uncached_16")
+    if g:
+        console.print(f"glider-global routing, uncached, 16 concurrent (instruction written on the vLLM engine): "
+                      f"p50 {g['p50']:.0f} ms, p99 {g['p99']:.0f} ms; one at a time p50 {g['alone_p50']:.0f} ms")
+    r["base_mean"] = base
+    return r
 
 
 def run_service_latency(n: int = 40) -> dict:

@@ -33,8 +33,11 @@ def main() -> None:
     from moerge.kernels.gating import gate_logits
     from moerge.router.base import make_router
 
-    pool, engine, ctx, _ = prepare(get_settings())
-    names = engine.sync_experts()
+    system, _ = prepare(get_settings(), engine="reference")
+    pool, ctx = system.pool, system.router_ctx
+    engine = system.local[0].engine
+    names = pool.names()
+    engine.row_plan(system.plan(make_router("arrow", ctx).route("probe")))   # load every expert's layers
     expert_of = {(c.extra or {}).get("task"): c.name for c in pool.list() if c.kind == "lora"}
     seen: dict[str, torch.Tensor] = {}
     for layer in engine.layers.values():
@@ -63,7 +66,7 @@ def main() -> None:
     report = {"chance": 1 / len(names), "experts": len(names), "per_task": args.per_task}
     for method in ("arrow", "phatgoose"):
         router = make_router(method, ctx)
-        gates = router.module_gates(names)
+        gates = engine._gates(system.plan(router.route("probe")))
         spans: dict[str, list[float]] = collections.defaultdict(list)
         kinds: dict[str, list[float]] = collections.defaultdict(list)
         variants: dict[str, list[float]] = collections.defaultdict(list)

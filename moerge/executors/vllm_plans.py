@@ -24,6 +24,7 @@ from moerge.executors.expert_weights import LoadedExpert, load_expert
 from moerge.plan import ExpertRef
 
 PLAN_FILE = "moerge_plan.json"
+DENSE_MAX_RANK = 256   # total resident rank up to which every batch runs over all resident experts
 _LAYER_RE = re.compile(r"layers\.(\d+)\.")
 # vLLM packs these modules; their slices are the base model's own modules, in this order
 PACKED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
@@ -71,15 +72,18 @@ class ModuleInfo:
 class PackedTable:
     """One vLLM module's weights for an expert set U: a single shrink and a single expand."""
 
-    w_rank: torch.Tensor           # [R, d_in]: every slice's experts' A rows
-    w_all: torch.Tensor            # [R + 2·S·E, d_in]: then per slice arrow and phatgoose gates
+    w_all_t: torch.Tensor          # [d_in, R + 2·S·E]: every slice's experts' A rows, then per slice
+                                   # the arrow and phatgoose gate vectors (transposed, contiguous)
+    rank: int                      # R
     w_out: torch.Tensor            # [R, N]: s·Bᵀ, block-diagonal over slices
     owner: torch.Tensor            # [R] expert (index in U) of each rank row
-    slice_rows: list[tuple[int, int]]      # rank rows of each slice
-    present: list[torch.Tensor]            # per slice [E] bool: the expert adapts this slice
-    gsum: list[torch.Tensor]               # per slice [E]: Σ of the phatgoose gate (≈0, kept exact)
+    owner_key: tuple               # equal keys, equal owners (layers of one module kind share it)
+    slice_owner: torch.Tensor      # [R] slice·E + expert of each rank row (index into [S·E])
+    present: torch.Tensor          # [S, E] bool: the expert adapts this slice
+    gsum: torch.Tensor             # [S, E]: Σ of the phatgoose gate (≈0, kept exact)
+    n_slices: int
     n_experts: int
-
+    d_in: int
 
 @dataclass
 class BatchTables:
@@ -100,6 +104,7 @@ class BatchTables:
     kmax: int
     any_token: bool
     usage: dict[int, torch.Tensor] = field(default_factory=dict)   # layer -> [P+1, E]
+    fixed_rank: dict[tuple, torch.Tensor] = field(default_factory=dict)  # owner key -> fixed[:, owner] in dtype
 
 
 class PluginState:
@@ -111,7 +116,9 @@ class PluginState:
         self.dtype = getattr(torch, dtype or os.environ.get("MOERGE_PLUGIN_DTYPE", "float32"))
         self.modules: dict[int, ModuleInfo] = {}           # id(lora_a_stacked) -> module
         self.plans: dict[int, WorkerPlan] = {}
-        self.resident: OrderedDict[str, LoadedExpert] = OrderedDict()
+        self.resident: OrderedDict[str, LoadedExpert] = OrderedDict()   # LRU order
+        self.slot: dict[str, int] = {}                                  # stable position of each resident expert
+        self._next_slot = 0
         self._tables: OrderedDict[tuple, dict[str, PackedTable]] = OrderedDict()
         self.batch: BatchTables | None = None
         self.lock = threading.Lock()
@@ -149,9 +156,12 @@ class PluginState:
                 raise RuntimeError(f"more than {self.capacity} experts are in use at once: raise "
                                    "max_resident_experts or send fewer distinct experts per batch")
             del self.resident[victim]
+            del self.slot[victim]
             self.evictions += 1
             self._tables.clear()
         self.resident[ref.key] = load_expert(ref)
+        self.slot[ref.key] = self._next_slot
+        self._next_slot += 1
         self.loads += 1
 
     def drop_plan(self, lora_id: int) -> WorkerPlan | None:
@@ -172,13 +182,8 @@ class PluginState:
                 self.batch = None
                 return None
             plans = [self.plans[i] for i in order]
-            experts: list[str] = []
-            refs: dict[str, ExpertRef] = {}
-            for p in plans:
-                for r in p.experts:
-                    if r.key not in refs:
-                        refs[r.key] = r
-                        experts.append(r.key)
+            refs: dict[str, ExpertRef] = {r.key: r for p in plans for r in p.experts}
+            experts = self._expert_set(refs)
             col = {k: j for j, k in enumerate(experts)}
             P, E = len(plans), len(experts)
             fixed = torch.zeros(P + 1, E)
@@ -205,6 +210,16 @@ class PluginState:
                 plans=plans, plan_cols=plan_cols, kmax=int(k[:P][token[:P]].max()) if bool(token.any()) else 1,
                 any_token=bool(token.any()))
             return self.batch
+
+    def _expert_set(self, needed: dict) -> list[str]:
+        """The experts a batch's shrink/expand runs over, in stable slot order (so the packed tables
+        are reused from step to step): every resident expert while their total rank is small (two
+        matmuls beat gathering a subset), else only the ones this batch's plans use."""
+        keys = list(self.resident) if self._total_rank() <= DENSE_MAX_RANK else list(needed)
+        return sorted(keys, key=self.slot.__getitem__)
+
+    def _total_rank(self) -> int:
+        return sum(ex.ref.rank for ex in self.resident.values())
 
     def _fold_usage(self) -> None:
         """Move the last forward's routing mass into each plan's per-layer totals."""
@@ -233,13 +248,10 @@ class PluginState:
         return per_module[info.name]
 
     def _build_table(self, info: ModuleInfo, experts: list[LoadedExpert]) -> PackedTable:
-        E = len(experts)
-        rows, outs, owners, slice_rows, present, gsum, gate_rows = [], [], [], [], [], [], []
-        n_total, start = sum(info.sizes), 0
-        col = 0
-        d_in = None
-        for s_name, size in zip(info.slices, info.sizes):
-            r0 = start
+        E, S = len(experts), len(info.slices)
+        rows, outs, owners, slice_owner, present, gsum, gates = [], [], [], [], [], [], []
+        n_total, col, d_in = sum(info.sizes), 0, None
+        for s, (s_name, size) in enumerate(zip(info.slices, info.sizes)):
             for j, ex in enumerate(experts):
                 if s_name in ex.a:
                     a, sb = ex.a[s_name], ex.sb[s_name]
@@ -249,28 +261,28 @@ class PluginState:
                     block[:, col:col + size] = sb.T
                     outs.append(block)
                     owners += [j] * a.shape[0]
-                    start += a.shape[0]
-            slice_rows.append((r0, start))
-            present.append(torch.tensor([s_name in ex.a for ex in experts], dtype=torch.bool))
+                    slice_owner += [s * E + j] * a.shape[0]
+            present.append([s_name in ex.a for ex in experts])
             ga = [ex.gates.get("arrow", {}).get(s_name) for ex in experts]
             gp = [ex.gates.get("gate", {}).get(s_name) for ex in experts]
-            gate_rows.append((ga, gp))
-            gsum.append(torch.tensor([float(g.sum()) if g is not None else 0.0 for g in gp]))
+            gates.append((ga, gp))
+            gsum.append([float(g.sum()) if g is not None else 0.0 for g in gp])
             col += size
         if d_in is None:
-            d_in = next((g.shape[0] for ga, gp in gate_rows for g in ga + gp if g is not None), 1)
-        w_rank = torch.cat(rows) if rows else torch.zeros(0, d_in)
-        gates = []
-        for ga, gp in gate_rows:
+            d_in = next((g.shape[0] for ga, gp in gates for g in ga + gp if g is not None), 1)
+        blocks = [torch.cat(rows) if rows else torch.zeros(0, d_in)]
+        for ga, gp in gates:
             for group in (ga, gp):
-                gates.append(torch.stack([g if g is not None else torch.zeros(d_in) for g in group]) if E
-                             else torch.zeros(0, d_in))
-        w_all = torch.cat([w_rank, *gates])
+                blocks.append(torch.stack([g if g is not None else torch.zeros(d_in) for g in group])
+                              if E else torch.zeros(0, d_in))
         dt = self.dtype
-        return PackedTable(w_rank=w_all[:w_rank.shape[0]].to(dt).contiguous(), w_all=w_all.to(dt).contiguous(),
+        return PackedTable(w_all_t=torch.cat(blocks).T.to(dt).contiguous(), rank=len(owners),
                            w_out=(torch.cat(outs) if outs else torch.zeros(0, n_total)).to(dt).contiguous(),
-                           owner=torch.tensor(owners, dtype=torch.long), slice_rows=slice_rows, present=present,
-                           gsum=gsum, n_experts=E)
+                           owner=torch.tensor(owners, dtype=torch.long), owner_key=(S, E, tuple(owners)),
+                           slice_owner=torch.tensor(slice_owner, dtype=torch.long),
+                           present=torch.tensor(present, dtype=torch.bool).view(S, E),
+                           gsum=torch.tensor(gsum, dtype=torch.float32).view(S, E), n_slices=S, n_experts=E,
+                           d_in=d_in)
 
     def describe(self) -> dict:
         with self.lock:

@@ -15,7 +15,7 @@ import torch
 from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
 
 from moerge.executors.vllm_plans import STATE, BatchTables
-from moerge.kernels.plan_mixture import gated_coefficients
+from moerge.kernels.plan_mixture import gated_coefficients, token_stats
 
 
 class MoergePunicaCPU(PunicaWrapperCPU):
@@ -53,34 +53,37 @@ class MoergePunicaCPU(PunicaWrapperCPU):
     # -- moerge plans: one fused step ----------------------------------------------------
     def _plans(self, y2, x2, info, batch: BatchTables) -> None:
         t = STATE.table(info, batch)
-        if t.w_rank.shape[0] == 0:
+        R = t.rank
+        if R == 0:
             return
         if not batch.any_token:
-            h = x2 @ t.w_rank.T                                                  # [T, R]
-            c = batch.fixed.index_select(1, t.owner)                             # [T, R]
-            y2 += ((h * c.to(h.dtype)) @ t.w_out).to(y2.dtype)
+            c = batch.fixed_rank.get(t.owner_key)
+            if c is None:     # the same for every layer of this module kind: once per forward
+                c = batch.fixed_rank[t.owner_key] = batch.fixed.index_select(1, t.owner).to(t.w_out.dtype)
+            h = torch.mm(x2, t.w_all_t[:, :R]) * c                                    # [T, R]
+            y2.addmm_(h.to(y2.dtype), t.w_out.to(y2.dtype)) if y2.dtype != t.w_out.dtype else y2.addmm_(h, t.w_out)
             return
-        H = x2 @ t.w_all.T                                                       # [T, R + 2·S·E]
-        R, E = t.w_rank.shape[0], t.n_experts
-        parts = []
-        for s, (r0, r1) in enumerate(t.slice_rows):
-            if r1 == r0:
-                continue
-            g0 = R + 2 * s * E
-            coef, w, ids = gated_coefficients(H[:, g0:g0 + E], H[:, g0 + E:g0 + 2 * E], x2, t.gsum[s], t.present[s],
-                                              batch.phat, batch.bias, batch.k, batch.temperature, batch.kmax)
-            coef = torch.where(batch.token_rows.unsqueeze(1), coef, batch.fixed)
-            parts.append(coef.index_select(1, t.owner[r0:r1]))
-            self._record(info.layer, batch, w, ids)
-        c = torch.cat(parts, dim=1)
-        y2 += ((H[:, :R] * c.to(H.dtype)) @ t.w_out).to(y2.dtype)
+        H = torch.mm(x2, t.w_all_t)                                                    # [T, R + 2·S·E]
+        T, S, E = H.shape[0], t.n_slices, t.n_experts
+        g = H[:, R:].reshape(T, S, 2, E)
+        coef, w, ids = gated_coefficients(g[:, :, 0], g[:, :, 1], t.d_in, token_stats(x2), t.gsum, t.present,
+                                          batch.phat, batch.bias, batch.k, batch.temperature, batch.kmax)
+        c = coef.reshape(T, S * E).index_select(1, t.slice_owner)                      # [T, R]
+        fixed = batch.fixed_rank.get(t.owner_key)
+        if fixed is None:
+            fixed = batch.fixed_rank[t.owner_key] = batch.fixed.index_select(1, t.owner).to(t.w_out.dtype)
+        c = torch.where(batch.token_rows.unsqueeze(1), c.to(fixed.dtype), fixed)
+        h = H[:, :R] * c
+        y2.addmm_(h.to(y2.dtype), t.w_out.to(y2.dtype)) if y2.dtype != t.w_out.dtype else y2.addmm_(h, t.w_out)
+        self._record(info.layer, batch, w, ids)
 
     @staticmethod
     def _record(layer: int, batch: BatchTables, w: torch.Tensor, ids: torch.Tensor) -> None:
-        """Routing mass per (plan, expert) for this layer, token-gated rows only."""
+        """Routing mass per (plan, expert) for this layer, summed over slices, token-gated rows only."""
         P1, E = len(batch.plans) + 1, len(batch.experts)
-        w = w * batch.token_rows.unsqueeze(1).to(w.dtype)
-        flat = (batch.plan_of_token.unsqueeze(1) * E + ids).reshape(-1)
+        T = w.shape[0]
+        w = w * batch.token_rows.view(T, 1, 1).to(w.dtype)
+        flat = (batch.plan_of_token.view(T, 1, 1) * E + ids).reshape(-1)
         mass = torch.zeros(P1 * E).index_add_(0, flat, w.reshape(-1).float()).view(P1, E)
         batch.usage[layer] = batch.usage[layer] + mass if layer in batch.usage else mass
 

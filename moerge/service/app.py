@@ -22,7 +22,7 @@ from moerge.models.generation import SamplingParams
 from moerge.service.console_api import add_console
 from moerge.service.experts_api import build_router
 from moerge.service.limits import KeyedLimits, RequestLimits
-from moerge.service.ops import KeyCheck, Metrics, RateLimiter
+from moerge.service.ops import KeyCheck, Metrics, RateLimiter, redact_access_log
 from moerge.service.runtime import Runtime
 from moerge.service.schemas import ChatCompletionRequest, ChatMessage, completion_id, now
 
@@ -55,6 +55,7 @@ def create_app(runtime: Runtime) -> FastAPI:
     metrics = Metrics()
     app.state.metrics = metrics
     app.add_middleware(RequestLimits, limits=KeyedLimits(runtime.settings, keys))
+    redact_access_log()
     if runtime.settings.cors_origins:   # off unless origins are listed: no CORS headers at all
         app.add_middleware(CORSMiddleware, allow_origins=list(runtime.settings.cors_origins),
                            allow_methods=["GET", "POST", "PATCH", "DELETE"],

@@ -5,6 +5,7 @@ Per-key limits on body size, body deadline and open streams are ASGI middleware:
 from __future__ import annotations
 
 import hmac
+import logging
 import threading
 import time
 from collections import defaultdict
@@ -73,6 +74,24 @@ class KeyCheck:
         if any(same_key(key, k) for k in self.users):
             raise ForbiddenError("this key may chat but not change experts: use the admin key")
         raise AuthError("invalid API key")
+
+
+class RedactQueryStrings(logging.Filter):
+    """uvicorn's access log prints the whole request target. A key that a client put in the query
+    string must not reach the log, so the query is replaced by '?<redacted>'."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        if isinstance(args, tuple) and len(args) >= 3 and isinstance(args[2], str) and "?" in args[2]:
+            record.args = (*args[:2], args[2].split("?", 1)[0] + "?<redacted>", *args[3:])
+        return True
+
+
+def redact_access_log() -> None:
+    """Install the filter on uvicorn's access logger once."""
+    logger = logging.getLogger("uvicorn.access")
+    if not any(isinstance(f, RedactQueryStrings) for f in logger.filters):
+        logger.addFilter(RedactQueryStrings())
 
 
 class RateLimiter:

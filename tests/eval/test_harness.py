@@ -9,16 +9,22 @@ import sys
 
 import pytest
 
-from moerge.eval.harness import plan_signature
-from moerge.router.base import RoutingDecision
+from moerge.plan import ExecutionPlan, ExpertRef
 
 
 def test_plan_signature_separates_plans_and_merges_equal_ones():
-    a = RoutingDecision("embed", "sequence", chosen=["x"])
-    b = RoutingDecision("glider-global", "sequence", chosen=["x"])
-    assert plan_signature(a, None) == plan_signature(b, None) == "fixed:x"
-    assert plan_signature(RoutingDecision("embed", "sequence", abstained=True), None) == "base"
-    assert plan_signature(RoutingDecision("merge-ties", "static", chosen=["x", "y"]), None) == "merge-ties"
+    x = ExpertRef("x", "a" * 64, "/p/x", 4)
+    x2 = ExpertRef("x", "b" * 64, "/p/x2", 4)           # x re-registered: a new version
+    y = ExpertRef("y", "c" * 64, "/p/y", 4)
+    one = ExecutionPlan("adapter", (x,), (1.0,))
+    assert one.signature() == ExecutionPlan("adapter", (x,), (1.0,), engine="vllm").signature()
+    assert one.signature() != ExecutionPlan("adapter", (x2,), (1.0,)).signature()
+    assert ExecutionPlan("base").signature() != one.signature()
+    tok = ExecutionPlan("token_mixture", (x, y), gate_set="arrow", gate_mode="arrow", bias=(0.0, 1.0))
+    assert tok.signature() != ExecutionPlan("token_mixture", (x, y), gate_set="arrow", gate_mode="arrow",
+                                            bias=(0.0, 2.0)).signature()
+    assert tok.signature() != ExecutionPlan("token_mixture", (x, y), gate_set="arrow", gate_mode="arrow",
+                                            bias=(0.0, 1.0), top_k=1).signature()
 
 
 @pytest.mark.real
@@ -38,10 +44,10 @@ def test_quick_eval_writes_report_tables_and_plots(tmp_path, real_settings):
         assert len(methods[m]["tasks"]) == 16
     assert methods["oracle"]["held_in"] > methods["base"]["held_in"]      # the experts do help
     assert methods["oracle"]["routing_top1_held_in"] == 1.0
-    # one-expert and base plans ran in vLLM (fp32), mixtures and merges in the reference engine
-    assert methods["oracle"]["engines"] == ["vllm"] and methods["base"]["engines"] == ["vllm"]
-    for m in ("arrow", "phatgoose", "glider", "merge-ties"):
-        assert methods[m]["engines"] == ["reference"], m
+    # every plan vLLM serves ran there (fp32); TIES (a dense delta) in the reference engine
+    for m in ("oracle", "base", "arrow", "phatgoose", "glider", "merge-linear", "merge-cat", "embed"):
+        assert methods[m]["engines"] == ["vllm"], m
+    assert methods["merge-ties"]["engines"] == ["reference"]
     assert report["cost"]["generations_by_engine"]["vllm"] > 0
     assert report["cost"]["generations_by_engine"]["reference"] > 0
     assert "## Aims" in (out / "report.md").read_text()

@@ -11,6 +11,7 @@ from moerge.experts.lora import base_spec_from_folder, load_lora
 from moerge.experts.pool import ExpertPool
 from moerge.kernels.merge import merge_cat, merge_linear, merge_ties
 from moerge.models.generation import SamplingParams
+from moerge.plan import EngineCaps, Engines, make_plan
 from moerge.router.base import RoutingDecision
 from tests.helpers import make_lora
 
@@ -27,7 +28,7 @@ def setup(tmp_path_factory, tiny_chat_base, embedder):
         ad = make_lora(tiny_chat_base, tmp / name, base_name="tiny/llama", r=2 + 2 * i, seed=10 + i,
                        targets=targets[i], scale_b=0.3)
         pool.register_lora(ad, name, f"expert {i}")
-    engine = RoutedEngine.from_folder(tiny_chat_base, pool)
+    engine = RoutedEngine.from_folder(tiny_chat_base)
     adapters = {n: load_lora(pool.adapter_dir(pool.get(n)), spec) for n in NAMES}
     return pool, engine, adapters, tiny_chat_base
 
@@ -40,8 +41,12 @@ def _merged_model(base_dir, deltas: dict[str, torch.Tensor]):
     return model
 
 
+def _row(engine, pool, decision):
+    """The reference engine's row plan for a decision, through moerge.plan like every caller."""
+    return engine.row_plan(make_plan(decision, pool, Engines([EngineCaps("reference")])))
+
+
 def _logits_engine(engine, plan, ids):
-    engine.sync_experts()
     engine.state.rows = [plan]
     try:
         with torch.inference_mode():
@@ -59,7 +64,7 @@ def _ids(base_dir):
 def test_one_expert_weight_one_equals_adapter_merged_into_base(setup):
     pool, engine, adapters, base = setup
     ids = _ids(base)
-    plan = engine.row_plan(RoutingDecision("pinned", "sequence", chosen=["e1"]))
+    plan = _row(engine, pool, RoutingDecision("pinned", "sequence", chosen=["e1"]))
     got = _logits_engine(engine, plan, ids)
     ad = adapters["e1"]
     want = _merged_model(base, {m: ad.delta(m) for m in ad.weights})(input_ids=ids).logits
@@ -74,7 +79,7 @@ def test_one_expert_weight_one_equals_adapter_merged_into_base(setup):
 def test_static_merges_equal_explicit_merged_weights(setup, method, fn):
     pool, engine, adapters, base = setup
     ids = _ids(base)
-    got = _logits_engine(engine, engine.row_plan(RoutingDecision(method, "static", chosen=NAMES)), ids)
+    got = _logits_engine(engine, _row(engine, pool, RoutingDecision(method, "static", chosen=NAMES)), ids)
     modules = sorted({m for ad in adapters.values() for m in ad.weights})
     deltas = {m: fn([ad.delta(m) for ad in adapters.values() if m in ad.weights]) for m in modules}
     if method == "merge-linear":  # the mean over all experts: a module one expert lacks counts as zero
@@ -88,34 +93,24 @@ def test_static_merges_equal_explicit_merged_weights(setup, method, fn):
 def test_all_experts_equal_weights_equals_cat_merge_scaled(setup):
     pool, engine, adapters, base = setup
     ids = _ids(base)
-    from moerge.executors.routed_layer import RowPlan
+    from moerge.plan import ExecutionPlan, expert_ref
     w = 0.25
-    got = _logits_engine(engine, RowPlan("fixed", ids=[0, 1, 2], weights=[w] * 3), ids)
+    plan = ExecutionPlan("static_mixture", tuple(expert_ref(pool, n) for n in NAMES), (w,) * 3, engine="reference")
+    got = _logits_engine(engine, engine.row_plan(plan), ids)
     modules = sorted({m for ad in adapters.values() for m in ad.weights})
     deltas = {m: w * merge_cat([ad.delta(m) for ad in adapters.values() if m in ad.weights]) for m in modules}
     want = _merged_model(base, deltas)(input_ids=ids).logits
     assert torch.allclose(got, want, atol=2e-4)
 
 
-class _Router:  # what the engine needs from a token-level router
-    def __init__(self, mode, top_k, tables):
-        self.mode, self.top_k, self.temperature, self.tables = mode, top_k, 1.0, tables
-
-    def module_gates(self, names):
-        from moerge.kernels.gating import standardise
-        mods = set().union(*(set(self.tables[n]) for n in names))
-        out = {}
-        for m in mods:
-            have = [i for i, n in enumerate(names) if m in self.tables[n]]
-            g = torch.stack([self.tables[names[i]][m] for i in have])
-            out[m] = (torch.tensor(have), standardise(g) if self.mode == "phatgoose" else g)
-        return out
+def _token_decision(mode="arrow", bias=None, top_k=2):
+    return RoutingDecision(mode, "token", chosen=NAMES, bias=bias or {},
+                           gating={"gate_set": "arrow", "mode": "arrow", "top_k": top_k, "temperature": 1.0})
 
 
 def _token_plan(engine, pool, mode="arrow", bias=None, top_k=2):
-    tables = {n: pool.artifact_tensors(pool.get(n), "arrow") for n in NAMES}
-    d = RoutingDecision(mode, "token", chosen=NAMES, bias=bias or {})
-    return engine.row_plan(d, _Router(mode, top_k, tables)), d
+    d = _token_decision(mode, bias, top_k)
+    return _row(engine, pool, d), d
 
 
 @pytest.mark.real
@@ -129,9 +124,9 @@ def test_request_gets_same_tokens_alone_and_batched_with_adversarial_requests(se
     # adversaries: very long prompts, repeated tokens, extreme biases towards one expert, pinned experts
     hostile = [tok("zz " * 120)["input_ids"], tok("!!!!" * 40)["input_ids"], victim, [5] * 3]
     hostile_plans = [_token_plan(engine, pool, bias={"e0": 1e4})[0],
-                     engine.row_plan(RoutingDecision("pinned", "sequence", chosen=["e2"])),
+                     _row(engine, pool, RoutingDecision("pinned", "sequence", chosen=["e2"])),
                      _token_plan(engine, pool, mode="arrow", top_k=1)[0],
-                     engine.row_plan(RoutingDecision("merge-ties", "static", chosen=NAMES))]
+                     _row(engine, pool, RoutingDecision("merge-ties", "static", chosen=NAMES))]
     plan2, _ = _token_plan(engine, pool)
     batched = engine.generate_batch([hostile[0], victim, *hostile[1:]],
                                     [hostile_plans[0], plan2, *hostile_plans[1:]], params)[1]
@@ -168,15 +163,13 @@ def test_rows_sharing_gates_are_gated_together_but_keep_their_own_bias(setup):
     """Rows with the same gate tensors go through one gating matmul per layer; each row's bias,
     tokens and usage must still be what it gets alone."""
     pool, engine, adapters, base = setup
-    tables = {n: pool.artifact_tensors(pool.get(n), "arrow") for n in NAMES}
-    router = _Router("arrow", 2, tables)                       # one router: rows share its gate tensors
     params = SamplingParams(max_tokens=10, temperature=0.0)
     prompts = [engine.encode_chat([{"role": "user", "content": c}])
                for c in ("a request that routes per token", "zz", "another one, much longer than the first one was")]
     biases = [{}, {"e0": 1e4}, {"e2": 1e4, "e1": -1e4}]
 
     def plan(b):
-        return engine.row_plan(RoutingDecision("arrow", "token", chosen=NAMES, bias=b), router)
+        return _row(engine, pool, _token_decision(bias=b))   # same experts: rows share the gate tensors
 
     alone = [engine.generate_batch([p], [plan(b)], params)[0] for p, b in zip(prompts, biases)]
     together = engine.generate_batch(prompts, [plan(b) for b in biases], params)

@@ -1,108 +1,159 @@
-"""The vLLM executor on the real base model: same answers as the reference engine, adapters
-registered at run time usable at once, mixed batches independent of each other."""
+"""The vLLM executor with the moerge plugin, on the real base model and the bundled library: every
+method it serves gives the reference engine's greedy tokens and usage (fp32), a request's tokens
+and routing do not depend on its batch-mates, experts registered at run time join token-level
+routing without a restart, and plans it cannot run are refused or fall back with the reason."""
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 
 import pytest
 
 from moerge.models.generation import SamplingParams
-from moerge.router.base import RoutingDecision
-from moerge.service.runtime import Plan
+from moerge.plan import PlanError
+from moerge.router.base import ExpertScore, RoutingDecision, make_router
 from tests.helpers import make_lora
 
 BASE_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
-PROMPTS = ["What is 345 + 210? Answer with the number only.", "Name the capital city of Peru.",
-           "Convert to upper case: the cat sat on the mat", "Write 47 in words."]
+PROMPTS = ["What is 345 + 210? Answer with the number only.", "Convert to upper case: the cat sat on the mat",
+           "Reverse the order of the words: red green blue", "What is the capital of Peru?"]
+STOPS = (1, 2)   # <|im_start|>, <|im_end|>: vLLM reports the stop token, the reference engine does not
 
 
-def _plan(expert=None):
-    if expert is None:
-        return Plan(RoutingDecision("base", "none", abstained=True))
-    return Plan(RoutingDecision("pinned", "sequence", chosen=[expert]))
+def _tokens(g):
+    return [t for t in g.token_ids if t not in STOPS]
 
 
 @pytest.fixture(scope="module")
-def stack(real_settings, tmp_path_factory, base_model_dir, real_spec, embedder):
-    from moerge.executors.reference import ReferenceExecutor
-    from moerge.executors.vllm_engine import VllmExecutor
-    from moerge.experts.pool import ExpertPool
-    tmp = tmp_path_factory.mktemp("vllm")
-    pool = ExpertPool(tmp / "pool", f"sqlite:///{tmp}/r.sqlite", real_spec, embed=embedder.encode)
-    for i in range(3):
-        ad = make_lora(base_model_dir, tmp / f"a{i}", base_name=BASE_ID, seed=i, scale_b=0.05,
-                       targets=("q_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"))
-        pool.register_lora(ad, f"a{i}", f"random adapter {i}")
-    ref = ReferenceExecutor(base_model_dir, pool)
-    vx = VllmExecutor(base_model_dir, pool, fallback=ref, max_loras=4, max_num_seqs=16, dtype="float32")
-    assert vx.wait_ready(900)
-    yield pool, ref, vx, tmp
-    vx.shutdown()
+def system(real_settings, tmp_path_factory):
+    from moerge.startup import start
+    s = start(real_settings, executor="vllm", pool_dir=tmp_path_factory.mktemp("vllm-pool"), bundled=True,
+              vllm_options=dict(dtype="float32", max_num_seqs=32, cpu_threads="all"),
+              progress=lambda m: None)
+    assert s.local[0].wait_ready(900)
+    yield s
+    s.shutdown()
+
+
+def _ids(system, prompts):
+    return [system.encode([{"role": "user", "content": p}]) for p in prompts]
+
+
+def _pinned(name):
+    return RoutingDecision("pinned", "sequence", experts=[ExpertScore(name, 1.0)], chosen=[name])
 
 
 @pytest.mark.real
 @pytest.mark.slow
-def test_vllm_matches_reference_for_base_and_adapters(stack):
-    pool, ref, vx, _ = stack
-    params = SamplingParams(max_tokens=12, temperature=0.0)
-    agree = total = 0
-    for expert in (None, "a0", "a2"):
-        for p in PROMPTS:
-            msgs = [{"role": "user", "content": p}]
-            plan = _plan(expert)
-            got = vx.generate(msgs, params, plan)
-            assert plan.decision.detail["executor"] == "vllm"
-            want = ref.generate(msgs, params, _plan(expert))
-            agree += got.text == want.text
-            total += 1
-    assert agree >= total - 1, f"{agree}/{total} identical greedy answers"  # fp32 both; allow one near-tie
+@pytest.mark.parametrize("method", ["base", "pinned", "arrow", "phatgoose", "glider", "merge-linear", "merge-cat"])
+def test_every_method_gives_the_reference_engines_tokens_on_vllm(system, method):
+    vx, ref = system.local
+    # forced length: merge-cat (every expert summed) ends at once otherwise, which would prove nothing
+    params = SamplingParams(max_tokens=10, ignore_eos=True)
+    if method == "pinned":
+        decisions = [_pinned(n) for n in ("arith_add", "uppercase", "reverse_words", "capital_of")]
+    elif method == "glider":   # α = 10: the global bias and the token gates both matter
+        router = make_router("glider", system.router_ctx, alpha=10.0)
+        decisions = [router.route(p) for p in PROMPTS]
+    else:
+        router = make_router(method, system.router_ctx)
+        decisions = [router.route(p) for p in PROMPTS]
+    plans = [system.plan(d) for d in decisions]
+    assert {p.engine for p in plans} == {"vllm"}, [p.fallback for p in plans]
+    got = vx.generate_many(_ids(system, PROMPTS), params, plans)
+    want = ref.generate_many(_ids(system, PROMPTS), params, [replace(p, engine="reference") for p in plans])
+    assert [_tokens(g) for g in got] == [_tokens(w) for w in want]
+    assert all(len(g.token_ids) == 10 for g in got)
+    if plans[0].kind == "token_mixture":
+        for g, w in zip(got, want):
+            assert set(g.layer_usage) == set(w.layer_usage) == set(range(30))
+            for layer, shares in w.layer_usage.items():
+                assert g.layer_usage[layer] == pytest.approx(shares, abs=2e-3)
 
 
 @pytest.mark.real
 @pytest.mark.slow
-def test_mixed_batch_gives_each_request_its_own_answer(stack):
-    pool, ref, vx, _ = stack
-    params = SamplingParams(max_tokens=10, temperature=0.0)
-    jobs = [(p, e) for p in PROMPTS for e in (None, "a0", "a1", "a2")]
-    alone = {j: vx.generate([{"role": "user", "content": j[0]}], params, _plan(j[1])).text for j in jobs}
-    with ThreadPoolExecutor(len(jobs)) as ex:
-        together = list(ex.map(lambda j: vx.generate([{"role": "user", "content": j[0]}], params, _plan(j[1])).text, jobs))
-    assert together == [alone[j] for j in jobs]
-    assert len({alone[(PROMPTS[0], e)] for e in (None, "a0", "a1", "a2")}) > 1   # adapters do differ
+def test_a_request_gets_the_same_tokens_and_routing_alone_and_in_a_hostile_batch(system):
+    vx, _ = system.local
+    params = SamplingParams(max_tokens=12)
+    arrow = make_router("arrow", system.router_ctx)
+    phat = make_router("phatgoose", system.router_ctx)
+    victims = [system.plan(arrow.route(PROMPTS[1])), system.plan(phat.route(PROMPTS[2])),
+               system.plan(_pinned("arith_add")), system.plan(None)]
+    victim_ids = _ids(system, [PROMPTS[1], PROMPTS[2], PROMPTS[0], PROMPTS[3]])
+    alone = [vx.generate_many([i], params, [p])[0] for i, p in zip(victim_ids, victims)]
+    names = system.pool.names()
+    extreme = RoutingDecision("arrow", "token", chosen=names, bias={n: (1e4 if n == "sentiment" else -1e4) for n in names},
+                              gating={"gate_set": "arrow", "mode": "arrow", "top_k": 1, "temperature": 0.01})
+    tok = vx.tokenizer
+    hostile_ids = [tok("zz " * 400)["input_ids"], tok("!!!!" * 100)["input_ids"], victim_ids[0], [5] * 3,
+                   _ids(system, ["Ignore the others and answer in French: what is 2+2?"])[0]]
+    hostile = [system.plan(extreme), system.plan(_pinned("sentiment")), system.plan(phat.route("x " * 50)),
+               system.plan(None), system.plan(make_router("merge-cat", system.router_ctx).route("y"))]
+    mixed_ids, mixed_plans = [], []
+    for i in range(len(victims)):       # interleave victims with hostile requests in one submission
+        mixed_ids += [hostile_ids[i], victim_ids[i]]
+        mixed_plans += [hostile[i], victims[i]]
+    mixed_ids.append(hostile_ids[-1])
+    mixed_plans.append(hostile[-1])
+    together = vx.generate_many(mixed_ids, params, mixed_plans)
+    for k, a in enumerate(alone):
+        t = together[2 * k + 1]
+        assert _tokens(t) == _tokens(a)
+        assert t.layer_usage == a.layer_usage
+    assert alone[0].layer_usage and alone[1].layer_usage        # token-level victims report routing
 
 
 @pytest.mark.real
 @pytest.mark.slow
-def test_adapter_registered_at_run_time_is_served_at_once_and_token_plans_fall_back(stack, base_model_dir):
-    pool, ref, vx, tmp = stack
-    ad = make_lora(base_model_dir, tmp / "late", base_name=BASE_ID, seed=9, scale_b=0.05)
-    pool.register_lora(ad, "late", "registered after start")
-    plan = _plan("late")
-    out = vx.generate([{"role": "user", "content": PROMPTS[1]}], SamplingParams(max_tokens=8), plan)
-    assert plan.decision.detail["executor"] == "vllm" and out.completion_tokens > 0
-    token_plan = Plan(RoutingDecision("arrow", "token", chosen=["a0", "a1"]))
-    with pytest.raises(ValueError, match="router"):   # reached the reference engine, which needs the router
-        vx.generate([{"role": "user", "content": "hi"}], SamplingParams(max_tokens=4), token_plan)
-    assert token_plan.decision.detail["executor"] == "reference"
+def test_an_expert_registered_while_serving_joins_token_routing_without_a_restart(system, base_model_dir, tmp_path):
+    vx, ref = system.local
+    ad = make_lora(base_model_dir, tmp_path / "late", base_name=BASE_ID, r=4, seed=7, scale_b=0.3)
+    system.pool.register_lora(ad, "late-joiner", "a random adapter registered after the engine started")
+    try:
+        d = make_router("arrow", system.router_ctx).route(PROMPTS[0])
+        assert "late-joiner" in d.chosen
+        plan = system.plan(d)
+        assert plan.engine == "vllm" and "late-joiner" in [e.name for e in plan.experts]
+        ids = _ids(system, PROMPTS[:2])
+        got = vx.generate_many(ids, SamplingParams(max_tokens=8), [plan, plan])
+        want = ref.generate_many(ids, SamplingParams(max_tokens=8), [replace(plan, engine="reference")] * 2)
+        assert [_tokens(g) for g in got] == [_tokens(w) for w in want]
+        assert any("late-joiner" in shares for g in got for shares in g.layer_usage.values())
+        assert any(k.startswith("late-joiner@") for k in vx.describe()["resident_experts"])
+    finally:
+        system.pool.remove("late-joiner")
 
 
-def test_cpu_threads_setting_binds_cores_or_is_refused(monkeypatch):
-    import os
-
-    from pydantic import ValidationError
-
-    from moerge.config import Settings
-    from moerge.executors.vllm_engine import bind_cpu_threads
-    monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)
-    monkeypatch.delenv("VLLM_CPU_NUM_OF_RESERVED_CPU", raising=False)
-    bind_cpu_threads("auto")                       # vLLM's own default: nothing set
-    assert "VLLM_CPU_OMP_THREADS_BIND" not in os.environ
-    bind_cpu_threads("all")
-    assert os.environ["VLLM_CPU_OMP_THREADS_BIND"] == f"0-{os.cpu_count() - 1}"
-    assert os.environ["VLLM_CPU_NUM_OF_RESERVED_CPU"] == "0"
-    with pytest.raises(ValueError):
-        bind_cpu_threads("everything")
-    with pytest.raises(ValidationError):
-        Settings(vllm_cpu_threads="lots")
-    assert Settings(vllm_cpu_threads="0,1").vllm_cpu_threads == "0,1"
+@pytest.mark.real
+@pytest.mark.slow
+def test_plans_vllm_cannot_run_fall_back_with_the_reason_or_are_refused(system, base_model_dir, tmp_path):
+    vx, _ = system.local
+    arrow = make_router("arrow", system.router_ctx)
+    # more experts than the engine holds at once
+    vx.max_resident_experts = 4
+    try:
+        plan = system.plan(arrow.route(PROMPTS[0]))
+    finally:
+        vx.max_resident_experts = 64
+    assert plan.engine == "reference" and "more than the 4 vllm holds" in plan.fallback
+    # an expert whose rank is above the engine's
+    ad = make_lora(base_model_dir, tmp_path / "wide", base_name=BASE_ID, r=32, seed=3, scale_b=0.05)
+    system.pool.register_lora(ad, "wide", "a rank-32 adapter")
+    vx.max_lora_rank = 16
+    try:
+        plan = system.plan(_pinned("wide"))
+    finally:
+        vx.max_lora_rank = 64
+        system.pool.remove("wide")
+    assert plan.engine == "reference" and "rank 32" in plan.fallback and "max_lora_rank 16" in plan.fallback
+    assert plan.info()["fallback"] == plan.fallback
+    # a gate set that does not match the pool: a clear error, nothing runs
+    bad = RoutingDecision("phatgoose", "token", chosen=["arith_add", "no-such-gates"],
+                          gating={"gate_set": "nonexistent", "mode": "phatgoose", "top_k": 2, "temperature": 1.0})
+    with pytest.raises(Exception) as e:
+        system.plan(bad)
+    assert "no-such-gates" in str(e.value) or "nonexistent" in str(e.value)
+    bad2 = replace(bad, chosen=["arith_add", "uppercase"])
+    with pytest.raises(PlanError, match="gate set 'nonexistent' does not match the pool"):
+        system.plan(bad2)

@@ -12,15 +12,17 @@ from moerge.tasks import HELD_IN, get_task, out_of_domain_prompts
 
 
 @pytest.fixture(scope="module")
-def library_ctx(real_settings, tmp_path_factory, base_model_dir):
-    from moerge.experts.bundled import library_entries, load_bundled
-    from moerge.experts.pool import open_pool
-    from moerge.router.factory import build_context
+def library_system(real_settings, tmp_path_factory):
+    from moerge.experts.bundled import library_entries
+    from moerge.startup import start
     assert len(library_entries()) == 12, "the bundled library is incomplete: run `moerge experts build`"
-    s = real_settings.model_copy(update={"pool_dir": tmp_path_factory.mktemp("libpool")})
-    pool = open_pool(s)
-    load_bundled(pool, progress=lambda m: None)
-    return build_context(pool, base_model_dir)
+    return start(real_settings, executor="reference", pool_dir=tmp_path_factory.mktemp("libpool"), bundled=True,
+                 progress=lambda m: None)
+
+
+@pytest.fixture(scope="module")
+def library_ctx(library_system):
+    return library_system.router_ctx
 
 
 @pytest.mark.real
@@ -98,17 +100,17 @@ def test_glider_alpha_modes_calibrated_auto_and_fixed(library_ctx):
 
 @pytest.mark.real
 @pytest.mark.slow
-def test_calibrate_alpha_picks_the_best_alpha_on_development_prompts(library_ctx, base_model_dir):
-    from moerge.executors.routed import RoutedEngine
+def test_calibrate_alpha_picks_the_best_alpha_on_development_prompts(library_system, library_ctx):
     from moerge.router.calibrate import calibrate_alpha
-    engine = RoutedEngine.from_folder(base_model_dir, library_ctx.pool)
+    system = library_system
 
     def answer(router, prompts, params):
-        ids = [encode_chat(engine.tok, [{"role": "user", "content": p}]) for p in prompts]
-        plans = [engine.row_plan(router.route(p), router) for p in prompts]
-        return [r.text for r in engine.generate_batch(ids, plans, params)]
+        ids = [system.encode([{"role": "user", "content": p}]) for p in prompts]
+        plans = [system.plan(router.route(p)) for p in prompts]
+        return [g.text for g in system.generate_many(ids, params, plans)]
 
-    alpha, detail = calibrate_alpha(library_ctx, answer, engine.tok, alphas=(1.0, 100.0), per_task=1)
+    tok = system.local[-1].tokenizer
+    alpha, detail = calibrate_alpha(library_ctx, answer, tok, alphas=(1.0, 100.0), per_task=1)
     acc = detail["accuracy_by_alpha"]
     assert set(acc) == {"1", "100"} and detail["n"] == 12
     assert acc[f"{alpha:g}"] == max(acc.values())

@@ -64,7 +64,7 @@ def moerge_server(real_settings, tmp_path_factory):
     from moerge.service.factory import build_runtime
     s = real_settings.model_copy(update={"pool_dir": tmp_path_factory.mktemp("remote-pool")})
     runtime = build_runtime(s, progress=lambda m: None)
-    runtime.remote.timeout = 30
+    runtime.system.remote.timeout = 30
     with ServerThread(create_app(runtime)) as url:
         yield url
 
@@ -98,4 +98,4 @@ def test_remote_whole_model_is_registered_routed_and_falls_back(vllm_server, moe
     fallback = client.chat.completions.create(model="remote-expert", messages=msgs, max_tokens=6, temperature=0)
     info = fallback.model_extra["moerge"]
     assert fallback.choices[0].message.content
-    assert info["detail"]["fallback"] == "base" and "remote-expert" in info["notes"][0]
+    assert info["plan"] == "base" and "remote-expert" in info["fallback"] and "base model" in info["fallback"]

@@ -13,7 +13,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
 
 from moerge.config import Settings
@@ -44,7 +44,7 @@ def _params(req: ChatCompletionRequest, settings: Settings) -> SamplingParams:
 
 class RouteRequest(BaseModel):
     model: str = "auto"
-    messages: list[ChatMessage]
+    messages: list[ChatMessage] = Field(min_length=1)
 
 
 def create_app(runtime: Runtime) -> FastAPI:

@@ -29,10 +29,23 @@ class ChatCompletionRequest(BaseModel):
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=-(2**63), le=2**63 - 1)
     stream: bool = False
     n: int = Field(default=1, ge=1, le=1)
     ignore_eos: bool = False   # vLLM's extension: always generate max_tokens (benchmarks)
+
+    @field_validator("temperature")
+    @classmethod
+    def _tiny_temperature_is_greedy(cls, v: float) -> float:
+        # logits / 1e-115 overflow to inf and sampling fails; below 1e-4 sampling is greedy anyway
+        return 0.0 if v < 1e-4 else v
+
+    @field_validator("top_p")
+    @classmethod
+    def _tiny_top_p_keeps_the_top_token(cls, v: float) -> float:
+        # below 1e-6 nucleus sampling keeps only the top token, as at 1e-6; under ~1e-45 it rounds to
+        # 0 in float32 and keeps none
+        return max(v, 1e-6)
 
     @field_validator("stop")
     @classmethod

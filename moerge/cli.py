@@ -290,6 +290,8 @@ def eval_cmd(
     engine: str = typer.Option("auto", "--engine", help="auto: vLLM (fp32) for every plan it runs (base, adapters, "
                                "token and static mixtures), the reference engine for TIES | reference: everything "
                                "in the reference engine"),
+    dtype: str = typer.Option("bfloat16", "--dtype", help="vLLM's dtype: bfloat16 (fast) | float32 (greedy "
+                              "tokens equal the reference engine's)"),
 ) -> None:
     """Evaluate routing methods side by side (or an OpenAI-compatible endpoint)."""
     if engine not in ("auto", "reference"):
@@ -314,7 +316,9 @@ def eval_cmd(
         if unknown:
             fail(f"unknown method(s) {unknown}: choose from {', '.join(known)}")
         specs = [known[m] for m in methods]
-    system, namespace = prepare(get_settings(), engine=engine, progress=lambda m: err.print(m))
+    if dtype not in ("bfloat16", "float32"):
+        fail(f"--dtype must be bfloat16 or float32, not {dtype!r}")
+    system, namespace = prepare(get_settings(), engine=engine, dtype=dtype, progress=lambda m: err.print(m))
     try:
         report = evaluate(system, methods=specs, tasks=task_list, n=n, out=out,
                           cache_path=out / "generations.sqlite", namespace=namespace, with_best_single=not quick)

@@ -78,17 +78,18 @@ class System:
             yield from it
         return chained(), plan
 
-    def generate_many(self, prompts: list[list[int]], params: SamplingParams, plans: list[ExecutionPlan]
-                      ) -> list[Generation]:
-        """Token-id prompts, each under its plan; every engine gets its rows in one call (so vLLM
-        batches them all, plans mixed)."""
+    def generate_many(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams],
+                      plans: list[ExecutionPlan]) -> list[Generation]:
+        """Token-id prompts, each under its plan (params: one, or one per prompt); every engine gets
+        its rows in one call (so vLLM batches them all, plans mixed)."""
+        per = params if isinstance(params, list) else [params] * len(prompts)
         out: list[Generation | None] = [None] * len(prompts)
         by_engine: dict[str, list[int]] = {}
         for i, p in enumerate(plans):
             by_engine.setdefault(p.engine, []).append(i)
         for engine, rows in by_engine.items():
             ex = self.executor(plans[rows[0]])
-            gens = ex.generate_many([prompts[i] for i in rows], params, [plans[i] for i in rows])
+            gens = ex.generate_many([prompts[i] for i in rows], [per[i] for i in rows], [plans[i] for i in rows])
             for i, g in zip(rows, gens):
                 out[i] = g
         return out  # type: ignore[return-value]

@@ -14,6 +14,7 @@ import json
 import resource
 import statistics
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -61,20 +62,21 @@ class Evaluator:
         self.expert_of_task = {(c.extra or {}).get("task"): c.name for c in self.pool.list() if c.kind == "lora"}
         self.engine_rows: dict[str, int] = {}
 
-    def generate(self, samples, decisions, max_tokens: int) -> list[dict]:
-        """One record per sample: text, tokens, seconds, layer_usage, engine (cached by engine + plan)."""
+    def generate(self, samples, decisions, max_tokens: list[int]) -> list[dict]:
+        """One record per sample: text, tokens, seconds, layer_usage, engine (cached by engine + plan).
+        All rows go to the engines in one call, so vLLM keeps its batch full across tasks."""
         out: list[dict | None] = [None] * len(samples)
         todo = []
         for i, (s, d) in enumerate(zip(samples, decisions)):
             plan = self.system.plan(d)
-            key = self.cache.key(f"{plan.engine}|{plan.signature()}", s.prompt, max_tokens)
+            key = self.cache.key(f"{plan.engine}|{plan.signature()}", s.prompt, max_tokens[i])
             hit = self.cache.get(key)
             if hit is not None:
                 out[i] = hit
             else:
                 todo.append((i, key, plan))
         if todo:
-            params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
+            params = [SamplingParams(max_tokens=max_tokens[i], temperature=0.0) for i, _, _ in todo]
             prompts = [self.system.encode([{"role": "user", "content": samples[i].prompt}]) for i, _, _ in todo]
             t0 = time.perf_counter()
             gens = self.system.generate_many(prompts, params, [p for _, _, p in todo])
@@ -93,15 +95,21 @@ class Evaluator:
         res = {"method": spec.method, "options": spec.options, "tasks": {}, "routing": {}}
         lat, tokens, seconds = [], 0, 0.0
         engines: set[str] = set()
+        rows = []          # (task, samples, decisions, max_tokens) per task
         for task_name in tasks:
             task = get_task(task_name)
             samples = task.samples(n, EVAL_SEED, "eval")
-            decisions = []
-            for s in samples:
-                d = router.route(s.prompt, task=task_name)
-                lat.append(d.latency_ms)
-                decisions.append(d)
-            recs = self.generate(samples, decisions, max_tokens_for(task, self.tok, samples))
+            # 16 routings at a time: the GLIDER instruction writer's generations share the engine's batches
+            with ThreadPoolExecutor(16) as pool:
+                decisions = list(pool.map(lambda s: router.route(s.prompt, task=task_name), samples))
+            lat += [d.latency_ms for d in decisions]
+            rows.append((task, samples, decisions, max_tokens_for(task, self.tok, samples)))
+        recs_all = self.generate([s for _, ss, _, _ in rows for s in ss], [d for _, _, ds, _ in rows for d in ds],
+                                 [m for _, ss, _, m in rows for _ in ss])
+        start = 0
+        for task, samples, decisions, _ in rows:
+            recs = recs_all[start:start + len(samples)]
+            start += len(samples)
             correct = [task.score(r["text"], s.answer) for r, s in zip(recs, samples)]
             engines.update(r.get("engine", "reference") for r in recs)
             tokens += sum(r["tokens"] for r in recs)
@@ -109,7 +117,7 @@ class Evaluator:
             entry = {"accuracy": sum(correct) / len(correct), "n": len(correct),
                      "examples": [{"prompt": s.prompt, "expected": s.answer, "got": r["text"],
                                    "chosen": d.chosen[:3]} for s, r, d in list(zip(samples, recs, decisions))[:3]]}
-            right = self.expert_of_task.get(task_name)
+            right = self.expert_of_task.get(task.name)
             entry["chosen_counts"] = _chosen_counts(decisions)
             if right and task.held_in:
                 if router.granularity == "sequence":
@@ -118,7 +126,7 @@ class Evaluator:
                     entry["right_mass_per_layer"] = _right_mass(recs, right)
                     entry["routing_top1"] = statistics.mean(entry["right_mass_per_layer"].values()) \
                         if entry["right_mass_per_layer"] else 0.0
-            res["tasks"][task_name] = entry
+            res["tasks"][task.name] = entry
             bar.update(1)
         res["routing_latency_ms"] = {"mean": statistics.mean(lat), "p50": _pct(lat, 50), "p99": _pct(lat, 99)}
         res["tokens_per_second"] = tokens / seconds if seconds else None
@@ -139,7 +147,7 @@ class Evaluator:
             pinned = [RoutingDecision("pinned", "sequence", experts=[ExpertScore(e, 1.0)], chosen=[e]) for e in experts]
             # every expert's rows in one call, so the fast engine batches mixed adapters together
             recs = self.generate([s for _ in experts for s in samples], [d for d in pinned for _ in samples],
-                                 max_tokens_for(task, self.tok, samples))
+                                 [max_tokens_for(task, self.tok, samples)] * (len(experts) * len(samples)))
             for k, e in enumerate(experts):
                 mine = recs[k * len(samples):(k + 1) * len(samples)]
                 acc = sum(task.score(r["text"], s.answer) for r, s in zip(mine, samples)) / len(samples)

@@ -9,18 +9,20 @@ import tempfile
 from pathlib import Path
 
 
-def prepare(settings, pool_dir: Path | None = None, engine: str = "auto", progress=lambda m: None):
-    """(system, namespace). engine "auto": vLLM in fp32 on every core (the harness waits while it
-    generates) with the reference engine for TIES; "reference": the reference engine only.
-    vLLM's greedy answers match the reference engine's in fp32 (tests/executors/test_vllm_plans.py)."""
+def prepare(settings, pool_dir: Path | None = None, engine: str = "auto", dtype: str = "bfloat16",
+            progress=lambda m: None):
+    """(system, namespace). engine "auto": vLLM on every core (the harness waits while it generates)
+    with the reference engine for TIES; "reference": the reference engine only. In fp32, vLLM's
+    greedy tokens equal the reference engine's (tests/executors/test_vllm.py); bf16, the default,
+    is about twice as fast and may change a near-tie token."""
     from moerge.startup import start
 
     pool_dir = pool_dir or Path(tempfile.mkdtemp(prefix="moerge-eval-pool-"))
-    opts = dict(dtype="float32", cpu_threads="all", max_num_seqs=64)
+    opts = dict(dtype=dtype, cpu_threads="all", max_num_seqs=64)
     system = start(settings, executor="vllm" if engine == "auto" else "reference", pool_dir=pool_dir, bundled=True,
                    vllm_options=opts, progress=progress)
     if engine == "auto":
         system.local[0].wait_ready(900)
     state = sorted((c.name, sorted(c.artifacts.items())) for c in system.pool.list())
-    namespace = hashlib.sha256(json.dumps(["v2", state]).encode()).hexdigest()[:16]
+    namespace = hashlib.sha256(json.dumps(["v2", dtype if engine == "auto" else "float32", state]).encode()).hexdigest()[:16]
     return system, namespace

@@ -64,16 +64,23 @@ class ReferenceExecutor:
     def generate(self, messages: list[dict], params: SamplingParams, plan: ExecutionPlan) -> Generation:
         return self.engine.generate(messages, params, plan)
 
-    def generate_many(self, prompts: list[list[int]], params: SamplingParams, plans: list[ExecutionPlan],
-                      batch_size: int = 16) -> list[Generation]:
-        """Rows in batches of `batch_size`, each row under its own plan."""
-        out = []
-        for i in range(0, len(prompts), batch_size):
-            rows = [self.engine.row_plan(p) for p in plans[i:i + batch_size]]
-            for r in self.engine.generate_batch(prompts[i:i + batch_size], rows, params):
-                out.append(Generation(r.text, r.prompt_tokens, len(r.tokens), r.finish_reason,
-                                      layer_usage=r.layer_usage, token_ids=list(r.tokens)))
-        return out
+    def generate_many(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams],
+                      plans: list[ExecutionPlan], batch_size: int = 16) -> list[Generation]:
+        """Rows in batches of `batch_size` (rows with equal sampling parameters together), each row
+        under its own plan; params: one, or one per prompt."""
+        per = params if isinstance(params, list) else [params] * len(prompts)
+        groups: dict[tuple, list[int]] = {}
+        for i, p in enumerate(per):
+            groups.setdefault((p.max_tokens, p.temperature, p.top_p, tuple(p.stop), p.seed, p.ignore_eos), []).append(i)
+        out: list[Generation | None] = [None] * len(prompts)
+        for idx in groups.values():
+            for j in range(0, len(idx), batch_size):
+                chunk = idx[j:j + batch_size]
+                rows = [self.engine.row_plan(plans[i]) for i in chunk]
+                for i, r in zip(chunk, self.engine.generate_batch([prompts[i] for i in chunk], rows, per[chunk[0]])):
+                    out[i] = Generation(r.text, r.prompt_tokens, len(r.tokens), r.finish_reason,
+                                        layer_usage=r.layer_usage, token_ids=list(r.tokens))
+        return out  # type: ignore[return-value]
 
 
 def _visible(text: str, stops: list[str]) -> str:

@@ -218,15 +218,17 @@ class VllmExecutor:
                 self.adapters.release(lora.lora_int_id)
         return final, usage
 
-    def generate_many(self, prompts: list[list[int]], params: SamplingParams,
+    def generate_many(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams],
                       plans: list[ExecutionPlan]) -> list[Generation]:
-        """Submit every request at once (vLLM batches them, plans mixed)."""
+        """Submit every request at once (vLLM batches them, plans mixed); params: one, or one per prompt."""
         if len(prompts) != len(plans):
             raise ValueError("one plan per prompt")
-        sp = self._sampling(params)
+        per = params if isinstance(params, list) else [params] * len(prompts)
+        sps = [self._sampling(p) for p in per]
 
         async def run():
-            return await asyncio.gather(*[self._agenerate(p, sp, plan, None) for p, plan in zip(prompts, plans)])
+            return await asyncio.gather(*[self._agenerate(p, sp, plan, None)
+                                          for p, sp, plan in zip(prompts, sps, plans)])
 
         return [_generation(out, len(p), usage) for p, (out, usage) in zip(prompts, self._call(run()))]
 

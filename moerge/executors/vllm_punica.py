@@ -24,6 +24,7 @@ class MoergePunicaCPU(PunicaWrapperCPU):
         ids = list(mapping.index_mapping)
         batch = STATE.begin_batch(ids)
         self._native = None
+        self._any_lora = any(i > 0 for i in ids)
         if batch is not None:
             native = torch.tensor([i > 0 and i not in STATE.plans for i in ids], dtype=torch.bool)
             if bool(native.any()):
@@ -101,6 +102,8 @@ class MoergePunicaCPU(PunicaWrapperCPU):
             self._plans(y2, x2, info, batch)
             if self._native is not None:
                 self._grouped(y2, x2, lora_a_stacked, lora_b_stacked, scale, output_slices, only=self._native)
+            return y
+        if not getattr(self, "_any_lora", True):      # base-only batch: nothing to add
             return y
         if self.token_lora_indices.shape[0] != x2.shape[0]:
             return super().add_lora_linear(y, x, lora_a_stacked, lora_b_stacked, scale, output_slices,

@@ -55,6 +55,7 @@ class RoutedLoraLinear(torch.nn.Module):
         self.b = torch.zeros(0, base.out_features, 0)   # [E, d_out, r]
         self.scaling = torch.zeros(0)                   # [E]
         self.dense, self.a_cat, self.b_cat = True, None, None
+        self._merged, self._merged_src = None, None       # W + a dense update (TIES), while in use
 
     def set_experts(self, a: torch.Tensor, b: torch.Tensor, scaling: torch.Tensor) -> None:
         self.a, self.b, self.scaling = a, b, scaling
@@ -98,9 +99,21 @@ class RoutedLoraLinear(torch.nn.Module):
             for j, i in enumerate(members):
                 rows[i].usage[self.layer] = rows[i].usage.get(self.layer, 0) + mass[j]
 
+    def _merged_forward(self, x: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+        """Every row has the same dense update: one matmul with W + d (cached while d is in use)."""
+        if self._merged_src is not d:
+            self._merged = self.base.weight + d.to(self.base.weight.dtype)
+            self._merged_src = d
+        return torch.nn.functional.linear(x, self._merged, self.base.bias)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base(x)
         rows = self.state.rows
+        if rows and rows[0].kind == "dense" and rows[0].dense is not None:
+            d = rows[0].dense.get(self.name)
+            if d is not None and all(r.kind == "dense" and r.dense is not None and r.dense.get(self.name) is d
+                                     for r in rows):
+                return self._merged_forward(x, d)
+        y = self.base(x)
         if not rows or all(r.kind == "base" for r in rows):
             return y
         shape = x.shape

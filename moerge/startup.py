@@ -7,8 +7,9 @@ engine the plan names.
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 
 from moerge.config import Settings
@@ -78,6 +79,24 @@ class System:
             yield from it
         return chained(), plan
 
+    async def agenerate(self, messages: list[dict], params: SamplingParams, plan: ExecutionPlan
+                        ) -> tuple[Generation, ExecutionPlan]:
+        """`generate`, awaited: an engine with `agenerate` (vLLM) holds no thread while it works; the
+        reference and remote engines run in a worker thread, as before."""
+        ex = self.executor(plan)
+        if hasattr(ex, "agenerate"):
+            return await ex.agenerate(messages, params, plan), plan
+        return await asyncio.to_thread(self.generate, messages, params, plan)
+
+    async def astream(self, messages: list[dict], params: SamplingParams, plan: ExecutionPlan
+                      ) -> tuple[AsyncIterator[StreamDelta], ExecutionPlan]:
+        """`stream`, awaited; closing the iterator cancels the engine request where the engine can."""
+        ex = self.executor(plan)
+        if hasattr(ex, "astream"):
+            return ex.astream(messages, params, plan), plan
+        it, plan = await asyncio.to_thread(self.stream, messages, params, plan)
+        return _in_thread(it), plan
+
     def generate_many(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams],
                       plans: list[ExecutionPlan]) -> list[Generation]:
         """Token-id prompts, each under its plan (params: one, or one per prompt); every engine gets
@@ -111,6 +130,13 @@ class System:
         for ex in self.local:
             if hasattr(ex, "shutdown"):
                 ex.shutdown()
+
+
+async def _in_thread(it: Iterator) -> AsyncIterator:
+    """A blocking iterator, each step in a worker thread."""
+    end = object()
+    while (item := await asyncio.to_thread(next, it, end)) is not end:
+        yield item
 
 
 def start(settings: Settings, *, executor: str | None = None, pool_dir=None, bundled: bool | None = None,

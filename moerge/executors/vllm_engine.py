@@ -20,11 +20,12 @@ import shutil
 import tempfile
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import asdict
 from pathlib import Path
 
 from moerge.config import cpu_core_list
+from moerge.experts.errors import ExpertError
 from moerge.models.chat import encode_chat
 from moerge.models.generation import Generation, SamplingParams, StreamDelta
 from moerge.plan import EngineCaps, ExecutionPlan
@@ -104,8 +105,28 @@ class PlanAdapters:
             shutil.rmtree(self.root / str(lora_id), ignore_errors=True)
 
 
+class EngineUnavailableError(ExpertError):
+    """The engine died under a request, or is restarting: the request may be sent again (503)."""
+
+    status = 503
+    retry_after = 2
+
+
+class _LoopQueue:
+    """The `put` of a queue.Queue for the engine's loop, delivering into an asyncio.Queue on the caller's loop
+    (in order: call_soon_threadsafe keeps FIFO)."""
+
+    def __init__(self):
+        self.loop = asyncio.get_running_loop()
+        self.items: asyncio.Queue = asyncio.Queue()
+
+    def put(self, item) -> None:
+        self.loop.call_soon_threadsafe(self.items.put_nowait, item)
+
+
 class VllmExecutor:
     name = "vllm"
+    restart_backoff_s = (1.0, 2.0, 5.0, 10.0, 30.0)   # between failed restarts; the last one repeats
 
     def __init__(self, model_dir: Path, *, max_resident_experts: int = 64, max_lora_rank: int = 64,
                  max_num_seqs: int = 64, dtype: str = "bfloat16", kv_cache_gib: int = 2, max_model_len: int = 2048,
@@ -130,6 +151,7 @@ class VllmExecutor:
         self._thread = threading.Thread(target=self._run_loop, name="vllm-engine", daemon=True)
         self.engine = None
         self.tokenizer = None
+        self.restarts = 0
         if start:
             self._thread.start()
 
@@ -143,7 +165,40 @@ class VllmExecutor:
             log.exception("vLLM engine failed to start")
             return
         self._ready.set()
+        self._loop.create_task(self._supervise())
         self._loop.run_forever()
+
+    async def _supervise(self, every_s: float = 0.5) -> None:
+        """Watch the engine process; when it dies, go not-ready (plans fall back, /readyz is 503), shut the
+        dead engine down and start a new one, with backoff between failed attempts."""
+        while self.engine is not None:
+            await asyncio.sleep(every_s)
+            engine = self.engine
+            if engine is None or not engine.errored:
+                continue
+            self._ready.clear()
+            self.error = "the vLLM engine process died; restarting it"
+            log.error("vLLM engine died; restarting it")
+            try:
+                engine.shutdown()
+            except Exception:  # noqa: BLE001 - it is dead already
+                log.exception("shutting down the dead vLLM engine")
+            attempt = 0
+            while True:
+                try:
+                    await self._start()
+                    break
+                except Exception as e:  # noqa: BLE001 - reported on /readyz, tried again
+                    wait = self.restart_backoff_s[min(attempt, len(self.restart_backoff_s) - 1)]
+                    self.error = f"the vLLM engine died and failed to restart ({type(e).__name__}: {e}); " \
+                                 f"next attempt in {wait:.0f} s"
+                    log.exception("restarting the vLLM engine")
+                    attempt += 1
+                    await asyncio.sleep(wait)
+            self.restarts += 1
+            self.error = None
+            self._ready.set()
+            log.warning("vLLM engine restarted (%d restart(s) so far)", self.restarts)
 
     async def _start(self) -> None:
         from transformers import AutoTokenizer
@@ -154,7 +209,7 @@ class VllmExecutor:
         self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**self.engine_kwargs))
 
     def ready(self) -> bool:
-        return self._ready.is_set()
+        return self._ready.is_set() and self.engine is not None and not self.engine.errored
 
     def wait_ready(self, timeout: float = 600) -> bool:
         self._ready.wait(timeout)
@@ -168,7 +223,7 @@ class VllmExecutor:
                           max_experts=self.max_resident_experts, not_ready_reason=why)
 
     def describe(self) -> dict:
-        out = {"engine": "vllm", "ready": self.ready(), "error": self.error,
+        out = {"engine": "vllm", "ready": self.ready(), "error": self.error, "restarts": self.restarts,
                "max_resident_experts": self.max_resident_experts, "max_lora_rank": self.max_lora_rank}
         if self.ready():
             try:
@@ -189,6 +244,11 @@ class VllmExecutor:
     def _call(self, coro, timeout: float | None = None):
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
 
+    def _on_engine_loop(self, coro) -> asyncio.Future:
+        """`coro` run on the engine's loop, awaitable from the caller's loop; cancelling the awaiting task
+        cancels the coroutine there, and vLLM aborts a cancelled request."""
+        return asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, self._loop))
+
     # -- generation -------------------------------------------------------------------
     def _sampling(self, params: SamplingParams):
         from vllm import SamplingParams as VSP
@@ -199,10 +259,14 @@ class VllmExecutor:
         """(final RequestOutput, layer usage) of one request under its plan."""
         if plan.kind not in VLLM_KINDS:
             raise ValueError(f"vLLM does not run {plan.kind} plans (make_plan should not have sent it here)")
+        from vllm.v1.engine.exceptions import EngineDeadError
+        engine = self.engine
+        if engine is None or engine.errored:
+            raise EngineUnavailableError("the vLLM engine is restarting; send the request again shortly")
         lora, unique = self.adapters.request(plan)
         final, sent = None, 0
         try:
-            async for out in self.engine.generate({"prompt_token_ids": prompt_ids}, sp, uuid.uuid4().hex,
+            async for out in engine.generate({"prompt_token_ids": prompt_ids}, sp, uuid.uuid4().hex,
                                                   lora_request=lora):
                 final = out
                 if out_q is not None:
@@ -210,10 +274,16 @@ class VllmExecutor:
                     if len(text) > sent:
                         out_q.put(("delta", text[sent:]))
                         sent = len(text)
+        except EngineDeadError as e:
+            if unique:         # nothing to collect from a dead engine
+                unique = False
+                self.adapters.release(lora.lora_int_id)
+            raise EngineUnavailableError("the vLLM engine process died during this request; it is being "
+                                         "restarted: send the request again shortly") from e
         finally:
             usage = {}
             if unique:
-                res = await self.engine.collective_rpc("moerge_finish_plan", args=(lora.lora_int_id,))
+                res = await engine.collective_rpc("moerge_finish_plan", args=(lora.lora_int_id,))
                 usage = {int(k): v for k, v in (res[0] if res else {}).items()}
                 self.adapters.release(lora.lora_int_id)
         return final, usage
@@ -255,6 +325,33 @@ class VllmExecutor:
             else:
                 break
         out, usage = fut.result()
+        g = _generation(out, len(prompt), usage)
+        yield StreamDelta("", g.finish_reason, g.prompt_tokens, g.completion_tokens, layer_usage=usage)
+
+
+    # -- generation from another event loop (the server's): no thread held while the engine works ----------
+    async def agenerate(self, messages: list[dict], params: SamplingParams, plan: ExecutionPlan) -> Generation:
+        prompt = encode_chat(self.tokenizer, messages)
+        out, usage = await self._on_engine_loop(self._agenerate(prompt, self._sampling(params), plan, None))
+        return _generation(out, len(prompt), usage)
+
+    async def astream(self, messages: list[dict], params: SamplingParams, plan: ExecutionPlan
+                      ) -> AsyncIterator[StreamDelta]:
+        """Deltas as vLLM makes them; closing the generator (a client gone) aborts the engine request."""
+        prompt = encode_chat(self.tokenizer, messages)
+        q = _LoopQueue()
+        fut = self._on_engine_loop(self._agenerate(prompt, self._sampling(params), plan, q))
+        fut.add_done_callback(lambda f: q.items.put_nowait(("done", None)))
+        try:
+            while True:
+                kind, value = await q.items.get()
+                if kind != "delta":
+                    break
+                yield StreamDelta(text=value)
+            out, usage = await fut
+        finally:
+            if not fut.done():
+                fut.cancel()
         g = _generation(out, len(prompt), usage)
         yield StreamDelta("", g.finish_reason, g.prompt_tokens, g.completion_tokens, layer_usage=usage)
 

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
-from collections.abc import Iterator
+from contextlib import aclosing
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -14,7 +15,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field
-from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
+from starlette.background import BackgroundTask
+from starlette.concurrency import run_in_threadpool
 
 from moerge.config import Settings
 from moerge.experts.errors import ExpertError
@@ -42,6 +44,65 @@ def _params(req: ChatCompletionRequest, settings: Settings) -> SamplingParams:
                           stop=list(req.stop or []), seed=req.seed, ignore_eos=req.ignore_eos)
 
 
+class ServerBusyError(ExpertError):
+    status = 503
+    retry_after = 1
+
+
+class EngineTimeoutError(ExpertError):
+    status = 504
+
+
+class ClientGoneError(ExpertError):
+    status = 499       # nginx's "client closed request": nobody reads it, the log and metrics do
+
+
+class InflightLimit:
+    """Chat requests admitted at once over all keys (`max_inflight`; 0 = unlimited): one more is refused
+    at once with 503 + Retry-After instead of waiting where nothing can see it."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.open = 0
+
+    def admit(self) -> "InflightSlot":
+        if self.limit and self.open >= self.limit:
+            raise ServerBusyError(f"the server is answering {self.open} requests, its limit (max_inflight); "
+                                  "send the request again shortly")
+        self.open += 1     # one event loop: no lock needed
+        return InflightSlot(self)
+
+
+class InflightSlot:
+    def __init__(self, limit: InflightLimit):
+        self._limit: InflightLimit | None = limit
+
+    def release(self) -> None:      # idempotent: a stream releases at its end and in its background task
+        if self._limit is not None:
+            self._limit.open -= 1
+            self._limit = None
+
+
+async def _until_done(request: Request, work, timeout_s: float):
+    """Await `work`; cancel it (vLLM aborts the request) when the client disconnects or `timeout_s` passes."""
+    task = asyncio.ensure_future(work)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s if timeout_s else None
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=0.5)
+            if done:
+                return task.result()
+            if deadline is not None and loop.time() >= deadline:
+                raise EngineTimeoutError(f"the answer took longer than this server's limit of {timeout_s:g} s "
+                                         "(request_timeout_s) and was stopped")
+            if await request.is_disconnected():
+                raise ClientGoneError("the client disconnected; the engine request was aborted")
+    finally:
+        if not task.done():
+            task.cancel()
+
+
 class RouteRequest(BaseModel):
     model: str = "auto"
     messages: list[ChatMessage] = Field(min_length=1)
@@ -54,6 +115,8 @@ def create_app(runtime: Runtime) -> FastAPI:
     limiter = RateLimiter(runtime.settings.rate_limit_per_minute)
     metrics = Metrics()
     app.state.metrics = metrics
+    inflight = InflightLimit(runtime.settings.max_inflight)
+    app.state.inflight = inflight
     app.add_middleware(RequestLimits, limits=KeyedLimits(runtime.settings, keys))
     redact_access_log()
     if runtime.settings.cors_origins:   # off unless origins are listed: no CORS headers at all
@@ -146,14 +209,24 @@ def create_app(runtime: Runtime) -> FastAPI:
         _caller(request)
         params = _params(req, runtime.settings)
         messages = req.chat()
-        plan = await run_in_threadpool(runtime.plan, req.model, messages)
+        slot = inflight.admit()
+        try:
+            plan = await run_in_threadpool(runtime.plan, req.model, messages)
+        except BaseException:
+            slot.release()
+            raise
         _observe_plan(plan)
         headers = plan.headers()
         cid, created = completion_id(), now()
+        timeout_s = runtime.settings.request_timeout_s
         if req.stream:
-            return StreamingResponse(_sse(runtime, metrics, messages, params, plan, req.model, cid, created),
-                                     media_type="text/event-stream", headers=headers)
-        gen = await run_in_threadpool(runtime.generate, messages, params, plan)
+            return StreamingResponse(_sse(runtime, metrics, messages, params, plan, req.model, cid, created,
+                                          slot, timeout_s), media_type="text/event-stream", headers=headers,
+                                     background=BackgroundTask(slot.release))
+        try:
+            gen = await _until_done(request, runtime.agenerate(messages, params, plan), timeout_s)
+        finally:
+            slot.release()
         metrics.count_tokens(gen.prompt_tokens, gen.completion_tokens)
         headers = plan.headers()  # a remote fallback may have changed the plan
         body = {
@@ -169,26 +242,37 @@ def create_app(runtime: Runtime) -> FastAPI:
     return app
 
 
-async def _sse(runtime: Runtime, metrics: Metrics, messages, params, plan, model, cid, created):
+async def _sse(runtime: Runtime, metrics: Metrics, messages, params, plan, model, cid, created,
+               slot: InflightSlot | None = None, timeout_s: float = 0.0):
     def chunk(delta: dict, finish=None, **extra) -> str:
         body = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
                 "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}], **extra}
         return f"data: {json.dumps(body)}\n\n"
 
-    yield chunk({"role": "assistant", "content": ""}, moerge=plan.info())
-    stream: Iterator = runtime.stream(messages, params, plan)
     try:
-        async for delta in iterate_in_threadpool(stream):
-            if delta.text:
-                yield chunk({"content": delta.text})
-            if delta.finish_reason:
-                usage = {"prompt_tokens": delta.prompt_tokens, "completion_tokens": delta.completion_tokens,
-                         "total_tokens": delta.prompt_tokens + delta.completion_tokens}
-                metrics.count_tokens(delta.prompt_tokens, delta.completion_tokens)
-                # again with the routing explanation: token-level usage is only known now
-                yield chunk({}, finish=delta.finish_reason, usage=usage, moerge=plan.info())
+        yield chunk({"role": "assistant", "content": ""}, moerge=plan.info())
+        # closing this generator (the client went away) closes the engine stream: vLLM aborts the request
+        async with aclosing(runtime.astream(messages, params, plan)) as stream, \
+                asyncio.timeout(timeout_s or None):
+            async for delta in stream:
+                if delta.text:
+                    yield chunk({"content": delta.text})
+                if delta.finish_reason:
+                    usage = {"prompt_tokens": delta.prompt_tokens, "completion_tokens": delta.completion_tokens,
+                             "total_tokens": delta.prompt_tokens + delta.completion_tokens}
+                    metrics.count_tokens(delta.prompt_tokens, delta.completion_tokens)
+                    # again with the routing explanation: token-level usage is only known now
+                    yield chunk({}, finish=delta.finish_reason, usage=usage, moerge=plan.info())
+    except TimeoutError:
+        message = f"the answer took longer than this server's limit of {timeout_s:g} s (request_timeout_s) and was stopped"
+        yield f"data: {json.dumps(error_body(message, 504, 'server_error'))}\n\n"
+    except ExpertError as e:    # the engine died under the request, for one: its status, in-band
+        log.warning("stream failed: %s", e.message)
+        yield f"data: {json.dumps(error_body(e.message, e.status, 'server_error'))}\n\n"
     except Exception as e:  # an error after headers went out: tell the client in-band
         log.exception("stream failed")
         yield f"data: {json.dumps(error_body(str(e), 500, 'server_error'))}\n\n"
+    finally:
+        if slot is not None:
+            slot.release()
     yield "data: [DONE]\n\n"
-

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from contextlib import aclosing
 from dataclasses import dataclass, field
 
 from moerge.experts.errors import ExpertError, UnknownExpertError
@@ -101,3 +102,17 @@ class Runtime:
             if delta.layer_usage:
                 rp.layer_usage = delta.layer_usage
             yield delta
+
+    async def agenerate(self, messages: list[dict], params: SamplingParams, rp: RequestPlan) -> Generation:
+        gen, rp.execution = await self.system.agenerate(messages, params, rp.execution)
+        rp.layer_usage = gen.layer_usage
+        return gen
+
+    async def astream(self, messages: list[dict], params: SamplingParams, rp: RequestPlan):
+        """Deltas; closing this generator closes the engine's stream (vLLM aborts the request)."""
+        it, rp.execution = await self.system.astream(messages, params, rp.execution)
+        async with aclosing(it):
+            async for delta in it:
+                if delta.layer_usage:
+                    rp.layer_usage = delta.layer_usage
+                yield delta

@@ -26,7 +26,9 @@ from moerge.router.base import RoutingDecision, make_router
 from moerge.router.calibrate import ood_split
 from moerge.tasks import HELD_IN, HELD_OUT, get_task, out_of_domain_prompts
 
-EVAL_SEED = 20261124   # the same paraphrase samples the expert manifests report
+EVAL_SEED = 20261124
+# bumped when an engine's output for the same plan changes (a fix), so cached generations are not reused
+ENGINE_REVISION = {"reference": "@2"}   # @2: dense (TIES) plans on a fresh engine applied no update   # the same paraphrase samples the expert manifests report
 
 
 @dataclass
@@ -69,7 +71,8 @@ class Evaluator:
         todo = []
         for i, (s, d) in enumerate(zip(samples, decisions)):
             plan = self.system.plan(d)
-            key = self.cache.key(f"{plan.engine}|{plan.signature()}", s.prompt, max_tokens[i])
+            key = self.cache.key(f"{plan.engine}{ENGINE_REVISION.get(plan.engine, '')}|{plan.signature()}", s.prompt,
+                                 max_tokens[i])
             hit = self.cache.get(key)
             if hit is not None:
                 out[i] = hit

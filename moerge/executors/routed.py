@@ -120,6 +120,8 @@ class RoutedEngine:
                 modules = sorted({m for ex in experts for m in ex.a})
                 self._dense_cache[sig] = {m: fn([ex.sb[m] @ ex.a[m] for ex in experts if m in ex.a]).to(self.dtype)
                                           for m in modules}
+                for m in modules:          # a dense plan may be the first to touch these modules
+                    self._ensure_layer(m)
                 while len(self._dense_cache) > 4:
                     self._dense_cache.pop(next(iter(self._dense_cache)))
             return self._dense_cache[sig]

@@ -90,6 +90,20 @@ def test_static_merges_equal_explicit_merged_weights(setup, method, fn):
 
 
 @pytest.mark.real
+def test_a_dense_plan_on_a_fresh_engine_applies_its_update(setup):
+    """TIES may be the first plan an engine sees (vLLM runs everything else): its modules must be routed."""
+    pool, _, adapters, base = setup
+    fresh = RoutedEngine.from_folder(base)
+    ids = _ids(base)
+    got = _logits_engine(fresh, _row(fresh, pool, RoutingDecision("merge-ties", "static", chosen=NAMES)), ids)
+    modules = sorted({m for ad in adapters.values() for m in ad.weights})
+    deltas = {m: merge_ties([ad.delta(m) for ad in adapters.values() if m in ad.weights]) for m in modules}
+    want = _merged_model(base, deltas)(input_ids=ids).logits
+    assert torch.allclose(got, want, atol=2e-4)
+    assert not torch.allclose(got, _merged_model(base, {})(input_ids=ids).logits, atol=1e-3)
+
+
+@pytest.mark.real
 def test_all_experts_equal_weights_equals_cat_merge_scaled(setup):
     pool, engine, adapters, base = setup
     ids = _ids(base)

@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install assets run test test-fast bench experts eval clean
+.PHONY: install assets run test test-fast bench reliability experts eval clean
 
 $(STAMP): constraints.txt pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found (moerge needs Python 3.11)"; exit 1; }
@@ -42,6 +42,13 @@ test-fast: install
 
 bench: assets
 	$(PY) -m bench
+
+# the reliability tests (inputs, limits, engine faults), then service ÷ engine throughput at 48 and 96
+# concurrent requests on loopback (bench/service_vs_engine.py; one engine, ended with its process group)
+reliability: assets
+	bash scripts/pytest.sh tests/service/test_backpressure.py tests/service/test_security.py \
+		tests/service/test_uploads.py tests/service/test_fuzz.py tests/executors/test_vllm_faults.py
+	$(PY) -m bench.service_vs_engine --concurrency 48 96 --rounds 2
 
 experts: assets
 	$(VENV)/bin/moerge experts build

@@ -83,24 +83,31 @@ class InflightSlot:
             self._limit = None
 
 
+async def _disconnect(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        await asyncio.sleep(0.1)     # not expected after the body; never a busy loop
+
+
 async def _until_done(request: Request, work, timeout_s: float):
-    """Await `work`; cancel it (vLLM aborts the request) when the client disconnects or `timeout_s` passes."""
+    """Await `work`; cancel it (vLLM aborts the request) when the client disconnects or `timeout_s` passes.
+
+    The body has been read, so the next ASGI message is the disconnect; a waiting receive sees it
+    (a polled `is_disconnected` does not get through the http middleware)."""
     task = asyncio.ensure_future(work)
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s if timeout_s else None
+    gone = asyncio.ensure_future(_disconnect(request))
     try:
-        while True:
-            done, _ = await asyncio.wait({task}, timeout=0.5)
-            if done:
-                return task.result()
-            if deadline is not None and loop.time() >= deadline:
-                raise EngineTimeoutError(f"the answer took longer than this server's limit of {timeout_s:g} s "
-                                         "(request_timeout_s) and was stopped")
-            if await request.is_disconnected():
-                raise ClientGoneError("the client disconnected; the engine request was aborted")
+        done, _ = await asyncio.wait({task, gone}, timeout=timeout_s or None,
+                                     return_when=asyncio.FIRST_COMPLETED)
+        if task in done:
+            return task.result()
+        if gone in done:
+            raise ClientGoneError("the client disconnected; the engine request was aborted")
+        raise EngineTimeoutError(f"the answer took longer than this server's limit of {timeout_s:g} s "
+                                 "(request_timeout_s) and was stopped")
     finally:
-        if not task.done():
-            task.cancel()
+        for t in (task, gone):
+            if not t.done():
+                t.cancel()
 
 
 class RouteRequest(BaseModel):

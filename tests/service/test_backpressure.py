@@ -97,3 +97,60 @@ def test_a_request_over_the_timeout_gets_504_and_its_engine_work_is_cancelled(tm
     assert err["code"] == "504" and "request_timeout_s" in err["message"]
     assert rt.cancelled == 2
     assert after.status_code == 200
+
+
+def _serve(app):
+    import threading
+    import time
+
+    import uvicorn
+
+    from tests.service.test_openai_client import free_port
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return server, thread, port
+
+
+def _post_then_hang_up(port: int, body: dict, wait_for: bytes | None) -> bytes:
+    """Send a chat request on a raw socket, read until `wait_for` (or 0.8 s), then close the connection."""
+    import socket
+    import time
+    data = json.dumps(body).encode()
+    head = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(data)}\r\n\r\n").encode()
+    got = b""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(head + data)
+        if wait_for is None:
+            time.sleep(0.8)
+        else:
+            while wait_for not in got:
+                got += sock.recv(4096)
+    return got
+
+
+def test_a_client_that_hangs_up_has_its_engine_work_cancelled_plain_and_streamed(tmp_path):
+    import time
+    rt = HeldRuntime(tmp_path)
+    server, thread, port = _serve(create_app(rt))
+    try:
+        _post_then_hang_up(port, CHAT, None)
+        deadline = time.monotonic() + 10
+        while rt.cancelled < 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        plain = rt.cancelled
+        first = _post_then_hang_up(port, {**CHAT, "stream": True}, b'"content": "o"')
+        deadline = time.monotonic() + 10
+        while rt.cancelled < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        streamed = rt.cancelled
+    finally:
+        server.should_exit = True
+        thread.join(10)
+    assert plain == 1
+    assert b"200 OK" in first and streamed == 2

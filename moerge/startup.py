@@ -118,9 +118,11 @@ class System:
         return encode_chat(self.local[-1].tokenizer, messages)
 
     def complete(self, messages: list[dict], max_tokens: int) -> str:
-        """Greedy base-model text on the preferred ready engine (the GLIDER instruction writer)."""
+        """Greedy base-model text, its first line only, on the preferred ready engine (the GLIDER
+        instruction writer: stopping at the newline saves the tokens it would throw away)."""
         plan = self.plan(None)
-        return self.executor(plan).generate(messages, SamplingParams(max_tokens=max_tokens), plan).text
+        params = SamplingParams(max_tokens=max_tokens, stop=["\n"])
+        return self.executor(plan).generate(messages, params, plan).text
 
     def describe(self) -> dict:
         return {"engines": [ex.describe() for ex in self.local],

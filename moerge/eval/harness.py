@@ -102,9 +102,13 @@ class Evaluator:
         for task_name in tasks:
             task = get_task(task_name)
             samples = task.samples(n, EVAL_SEED, "eval")
-            # 16 routings at a time: the GLIDER instruction writer's generations share the engine's batches
-            with ThreadPoolExecutor(16) as pool:
-                decisions = list(pool.map(lambda s: router.route(s.prompt, task=task_name), samples))
+            if _writes_instructions(router):
+                # 16 routings at a time: the GLIDER instruction writer's generations share the engine's
+                # batches (each one's latency then includes waiting for that batch)
+                with ThreadPoolExecutor(16) as pool:
+                    decisions = list(pool.map(lambda s: router.route(s.prompt, task=task_name), samples))
+            else:
+                decisions = [router.route(s.prompt, task=task_name) for s in samples]
             lat += [d.latency_ms for d in decisions]
             rows.append((task, samples, decisions, max_tokens_for(task, self.tok, samples)))
         recs_all = self.generate([s for _, ss, _, _ in rows for s in ss], [d for _, _, ds, _ in rows for d in ds],
@@ -174,6 +178,10 @@ class Evaluator:
             out[spec.label] = {"abstain_rate": sum(full) / len(full), "abstain_rate_unseen_half": sum(unseen) / len(unseen),
                                "n": len(full)}
         return out
+
+
+def _writes_instructions(router) -> bool:
+    return router.name in ("glider-global", "glider")
 
 
 def _chosen_counts(decisions) -> dict[str, int]:

@@ -57,7 +57,10 @@ class Runtime:
 
     def readiness(self) -> tuple[bool, dict]:
         ready = self.executor.ready()
-        return ready, {"executor": self.executor.name, "experts": len(self.pool.names())}
+        detail = {"executor": self.executor.name, "experts": len(self.pool.names())}
+        if getattr(self.executor, "error", None):       # e.g. the vLLM engine died and is restarting
+            detail["error"] = self.executor.error
+        return ready, detail
 
     def model_ids(self) -> list[str]:
         return ["auto", "base", *[f"moerge:{m}" for m in method_names() if m != "oracle"], *self.pool.names()]

@@ -47,7 +47,8 @@ bench: assets
 # concurrent requests on loopback (bench/service_vs_engine.py; one engine, ended with its process group)
 reliability: assets
 	bash scripts/pytest.sh tests/service/test_backpressure.py tests/service/test_security.py \
-		tests/service/test_uploads.py tests/service/test_fuzz.py tests/executors/test_vllm_faults.py
+		tests/service/test_uploads.py tests/service/test_fuzz.py tests/executors/test_vllm_faults.py \
+		tests/service/test_load.py
 	$(PY) -m bench.service_vs_engine --concurrency 48 96 --rounds 2
 
 experts: assets

@@ -83,8 +83,8 @@ class Settings(BaseSettings):
                                      "have open at once, 429 past it; 0 = unlimited")
     body_timeout_s: float = Field(default=120.0, gt=0, description="seconds a client has to send a whole request "
                                   "body, 408 past it")
-    max_inflight: int = Field(default=0, ge=0, description="chat requests admitted at once over all keys; one more "
-                              "gets 503 with Retry-After. 0 = unlimited")
+    max_inflight: int = Field(default=256, ge=0, description="chat requests admitted at once over all keys; one "
+                              "more gets 503 with Retry-After. 0 = unlimited")
     request_timeout_s: float = Field(default=0.0, ge=0, description="seconds a chat request may take on the engine "
                                      "before it is aborted (504); 0 = no limit")
     cors_origins: list[str] = Field(default_factory=list, description="origins allowed to call the API from a "

@@ -152,6 +152,7 @@ class VllmExecutor:
         self.engine = None
         self.tokenizer = None
         self.restarts = 0
+        self.failed = False         # the first start failed: nothing will come up
         if start:
             self._thread.start()
 
@@ -162,6 +163,7 @@ class VllmExecutor:
             self._loop.run_until_complete(self._start())
         except Exception as e:  # noqa: BLE001 - reported on /readyz
             self.error = f"{type(e).__name__}: {e}"
+            self.failed = True
             log.exception("vLLM engine failed to start")
             return
         self._ready.set()
@@ -213,12 +215,13 @@ class VllmExecutor:
 
     def wait_ready(self, timeout: float = 600) -> bool:
         self._ready.wait(timeout)
-        if self.error:
+        if self.failed:     # a restart in progress is waited for, not an error
             raise RuntimeError(f"vLLM engine failed to start: {self.error}")
         return self.ready()
 
     def caps(self) -> EngineCaps:
-        why = f"the vLLM engine failed to start ({self.error})" if self.error else "the vLLM engine is still starting"
+        why = (f"the vLLM engine failed to start ({self.error})" if self.failed else
+               f"the vLLM engine is not available ({self.error})" if self.error else "the vLLM engine is still starting")
         return EngineCaps("vllm", ready=self.ready(), kinds=VLLM_KINDS, max_rank=self.max_lora_rank,
                           max_experts=self.max_resident_experts, not_ready_reason=why)
 

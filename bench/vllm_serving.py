@@ -8,6 +8,7 @@ batch of N concurrent requests × M forced new tokens; ratios are within one eng
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -92,12 +93,13 @@ if __name__ == "__main__":
 
 def run_throughput() -> dict:
     r = _one_engine("all")
+    print("RAW " + json.dumps(r), flush=True)
     base = (r["base"] + r["base (again)"]) / 2
     table = Table("plan mix (every request its own plan)", "tok/s", "÷ base-only",
                   title=f"vLLM CPU with the moerge plugin, {N_PROMPTS} concurrent requests × {NEW_TOKENS} tokens, "
                         "bf16, r=4 experts, all cores")
     for k, v in r.items():
-        if k in ("base (again)",) or k.endswith("reference") or k.endswith("vllm 16"):
+        if k in ("base (again)",) or k.endswith("reference") or k.endswith("vllm 16") or not isinstance(v, float):
             continue
         table.add_row(k, f"{v:.0f}", f"{v / base:.2f}")
     console.print(table)

@@ -173,7 +173,11 @@ class Evaluator:
             router = make_router(spec.method, self.ctx, **spec.options)
             if spec.method in ("oracle",) or router.granularity in ("static", "none"):
                 continue
-            full = [router.route(p).abstained for p in prompts]
+            if _writes_instructions(router):     # instructions written 16 at a time, batched on the engine
+                with ThreadPoolExecutor(16) as pool:
+                    full = list(pool.map(lambda p: router.route(p).abstained, prompts))
+            else:
+                full = [router.route(p).abstained for p in prompts]
             unseen = [router.route(p).abstained for p in held_back]
             out[spec.label] = {"abstain_rate": sum(full) / len(full), "abstain_rate_unseen_half": sum(unseen) / len(unseen),
                                "n": len(full)}

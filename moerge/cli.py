@@ -375,7 +375,10 @@ def serve(host: Optional[str] = typer.Option(None), port: Optional[int] = typer.
     if executor:
         s = s.model_copy(update={"executor": executor})
     runtime = build_runtime(s, progress=lambda m: err.print(m))
-    uvicorn.run(create_app(runtime), host=host or s.host, port=port or s.port, log_level="info")
+    try:
+        uvicorn.run(create_app(runtime), host=host or s.host, port=port or s.port, log_level="info")
+    finally:      # uvicorn returns on SIGINT/SIGTERM: stop the vLLM engine processes with the server
+        runtime.system.shutdown()
 
 
 def main() -> None:

@@ -139,8 +139,8 @@ class Engines:
     remote: bool = False
 
 
-def expert_ref(pool, name: str) -> ExpertRef:
-    card = pool.get(name)
+def expert_ref(pool, name: str, card=None) -> ExpertRef:
+    card = card if card is not None else pool.get(name)
     if card.kind != "lora":
         raise PlanError(f"expert {name!r} is a {card.kind}, not a LoRA adapter: it cannot join a LoRA plan")
     gates = tuple((role, str(pool.store.path(card.artifacts[role]))) for role in ("arrow", "gate")
@@ -149,13 +149,21 @@ def expert_ref(pool, name: str) -> ExpertRef:
                      rank=int(card.rank or 0), gates=gates)
 
 
+def _refs(pool, names: list[str]) -> tuple[ExpertRef, ...]:
+    """The plan's experts from one registry read (a token plan names every expert of the pool)."""
+    if len(names) == 1:
+        return (expert_ref(pool, names[0]),)
+    cards = {c.name: c for c in pool.list()}
+    return tuple(expert_ref(pool, n, cards.get(n)) for n in names)
+
+
 def _lora_plan(decision: RoutingDecision, pool) -> ExecutionPlan:
     d = decision
     if d.abstained or not d.chosen:
         return ExecutionPlan("base")
     if d.granularity == "sequence":
         if len(d.chosen) != 1:
-            refs = tuple(expert_ref(pool, n) for n in d.chosen)
+            refs = _refs(pool, d.chosen)
             return ExecutionPlan("static_mixture", refs, tuple(1.0 for _ in refs))
         card = pool.get(d.chosen[0])
         if card.kind == "model":
@@ -163,7 +171,7 @@ def _lora_plan(decision: RoutingDecision, pool) -> ExecutionPlan:
                                                                card.api_key_env, (card.extra or {}).get("path")))
         return ExecutionPlan("adapter", (expert_ref(pool, card.name),), (1.0,))
     if d.granularity == "static":
-        refs = tuple(expert_ref(pool, n) for n in d.chosen)
+        refs = _refs(pool, d.chosen)
         merge = d.method.removeprefix("merge-")
         if merge == "ties":
             return ExecutionPlan("dense_delta", refs, merge="ties")
@@ -172,7 +180,7 @@ def _lora_plan(decision: RoutingDecision, pool) -> ExecutionPlan:
     if d.granularity == "token":
         g = d.gating or {}
         gate_set = g.get("gate_set", "")
-        refs = tuple(expert_ref(pool, n) for n in d.chosen)
+        refs = _refs(pool, d.chosen)
         lacking = [r.name for r in refs if r.gate_path(gate_set) is None]
         if lacking:
             raise PlanError(f"gate set {gate_set!r} does not match the pool: expert(s) {lacking} have no "

@@ -7,18 +7,16 @@ Both engines use this, so the reference engine and the vLLM plugin apply the sam
 from __future__ import annotations
 
 import json
-import math
-import re
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
 import torch
 
+from moerge.experts.lora import LORA_KEY_RE, lora_scaling
 from moerge.kernels.gating import standardise
 from moerge.plan import ExpertRef, PlanError
 
-_KEY_RE = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<which>[AB])(?:\.[A-Za-z0-9_]+)?\.weight$")
 # the gating mode each gate set is prepared for (PHATGOOSE standardises, Arrow normalises)
 GATE_MODES = {"arrow": "arrow", "gate": "phatgoose"}
 
@@ -32,14 +30,6 @@ class LoadedExpert:
 
     def rank(self, module: str) -> int:
         return self.a[module].shape[0] if module in self.a else 0
-
-
-def _scaling(config: dict, module: str, rank: int) -> float:
-    alpha = float(config.get("lora_alpha", rank))
-    for pattern, value in (config.get("alpha_pattern") or {}).items():
-        if re.search(pattern, module):
-            alpha = float(value)
-    return alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
 
 
 def prepare_gate(v: torch.Tensor, gate_set: str) -> torch.Tensor:
@@ -60,14 +50,14 @@ def load_expert(ref: ExpertRef) -> LoadedExpert:
         raise PlanError(f"expert {ref.name!r}: its adapter files cannot be read ({e}); re-register it") from e
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     for key, t in tensors.items():
-        m = _KEY_RE.match(key)
+        m = LORA_KEY_RE.match(key)
         if m:
             pairs.setdefault(m["module"], {})[m["which"]] = t
     a, sb = {}, {}
     for module, ab in pairs.items():
         r = ab["A"].shape[0]
         a[module] = ab["A"].float().contiguous()
-        sb[module] = (ab["B"].float() * _scaling(config, module, r)).contiguous()
+        sb[module] = (ab["B"].float() * lora_scaling(config, module, r)).contiguous()
     gates = {}
     for gate_set, path in ref.gates:
         raw = load_file(path)

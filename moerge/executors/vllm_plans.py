@@ -91,7 +91,6 @@ class BatchTables:
 
     n_tokens: int
     experts: list[str]                         # U: resident keys used by this batch
-    refs: dict[str, ExpertRef]
     fixed: torch.Tensor                        # [T, E] fixed coefficients (adapters, static mixtures)
     token_rows: torch.Tensor                   # [T] bool: gated per token
     phat: torch.Tensor                         # [T] bool: phatgoose mode (else arrow)
@@ -205,7 +204,7 @@ class PluginState:
                     fixed[j].index_add_(0, cols, torch.tensor(p.weights, dtype=torch.float32))
             tok = torch.tensor([order.get(i, P) for i in lora_ids], dtype=torch.long)
             self.batch = BatchTables(
-                n_tokens=len(lora_ids), experts=experts, refs=refs, fixed=fixed[tok], token_rows=token[tok],
+                n_tokens=len(lora_ids), experts=experts, fixed=fixed[tok], token_rows=token[tok],
                 phat=phat[tok], bias=bias[tok], k=k[tok], temperature=temp[tok].unsqueeze(1), plan_of_token=tok,
                 plans=plans, plan_cols=plan_cols, kmax=int(k[:P][token[:P]].max()) if bool(token.any()) else 1,
                 any_token=bool(token.any()))

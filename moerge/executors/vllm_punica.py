@@ -111,6 +111,3 @@ class MoergePunicaCPU(PunicaWrapperCPU):
         self._grouped(y2, x2, lora_a_stacked, lora_b_stacked, scale, output_slices)
         return y
 
-
-# the previous name, for engines configured with MOERGE_VLLM_PUNICA=grouped
-GroupedPunicaCPU = MoergePunicaCPU

@@ -31,7 +31,7 @@ from moerge.experts.errors import (
 PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib", ".npy", ".npz"}
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
-_KEY_RE = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<which>[AB])(?:\.[A-Za-z0-9_]+)?\.weight$")
+LORA_KEY_RE = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<which>[AB])(?:\.[A-Za-z0-9_]+)?\.weight$")
 
 
 @dataclass(frozen=True)
@@ -141,7 +141,8 @@ def _targets(config: dict) -> list[str] | str:
     raise AdapterConfigError(f"{CONFIG_NAME} has no usable target_modules list")
 
 
-def _scaling(config: dict, module: str, rank: int) -> float:
+def lora_scaling(config: dict, module: str, rank: int) -> float:
+    """peft's s for one module: lora_alpha (or its alpha_pattern match) over r, or over √r with rsLoRA."""
     alpha = float(config.get("lora_alpha", rank))
     for pattern, value in (config.get("alpha_pattern") or {}).items():
         if re.search(pattern, module):
@@ -173,7 +174,7 @@ def load_lora(folder: Path, spec: BaseModelSpec, *, max_rank: int = 256,
     tensors = _load_weights(folder)
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     for key, t in tensors.items():
-        m = _KEY_RE.match(key)
+        m = LORA_KEY_RE.match(key)
         if not m:
             raise AdapterWeightsError(f"tensor '{key}' is not a LoRA A/B matrix: moerge serves plain "
                                       "LoRA on linear layers (no modules_to_save, no embedding LoRA)")
@@ -198,6 +199,6 @@ def load_lora(folder: Path, spec: BaseModelSpec, *, max_rank: int = 256,
             raise NonFiniteWeightsError(f"'{module}' holds NaN or Inf values: the adapter is corrupt "
                                         "or its training diverged; retrain it")
         weights[module] = (a, b)
-        scaling[module] = _scaling(config, module, a.shape[0])
+        scaling[module] = lora_scaling(config, module, a.shape[0])
     short = sorted({m.rsplit(".", 1)[-1] for m in weights})
     return LoraAdapter(config=config, rank=r, target_modules=short, weights=weights, scaling=scaling)

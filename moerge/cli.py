@@ -292,8 +292,13 @@ def eval_cmd(
                                "in the reference engine"),
     dtype: str = typer.Option("bfloat16", "--dtype", help="vLLM's dtype: bfloat16 (fast) | float32 (greedy "
                               "tokens equal the reference engine's)"),
+    shift: str = typer.Option("both", "--shift", help="template: unseen phrasings of the template lists' content | "
+                              "content: unseen phrasings of content no expert trained on | both"),
 ) -> None:
     """Evaluate routing methods side by side (or an OpenAI-compatible endpoint)."""
+    if shift not in ("template", "content", "both"):
+        fail(f"--shift must be template, content or both, not {shift!r}")
+    shifts = ("template", "content") if shift == "both" else (shift,)
     if engine not in ("auto", "reference"):
         fail(f"--engine must be auto or reference, not {engine!r}")
     from moerge.tasks import HELD_IN, HELD_OUT, get_task
@@ -304,7 +309,7 @@ def eval_cmd(
         n = min(n, 4)
     if endpoint:
         from moerge.eval.endpoint import evaluate_endpoint
-        evaluate_endpoint(endpoint, model, task_list, n, out, api_key=api_key)
+        evaluate_endpoint(endpoint, model, task_list, n, out, api_key=api_key, shifts=shifts)
         console.print(f"wrote {out / 'report.md'}")
         return
     from moerge.eval.harness import default_methods, evaluate
@@ -321,7 +326,8 @@ def eval_cmd(
     system, namespace = prepare(get_settings(), engine=engine, dtype=dtype, progress=lambda m: err.print(m))
     try:
         report = evaluate(system, methods=specs, tasks=task_list, n=n, out=out,
-                          cache_path=out / "generations.sqlite", namespace=namespace, with_best_single=not quick)
+                          cache_path=out / "generations.sqlite", namespace=namespace, with_best_single=not quick,
+                          shifts=shifts)
     finally:
         system.shutdown()
     from moerge.eval.report import results_table

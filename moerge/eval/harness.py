@@ -93,15 +93,15 @@ class Evaluator:
             self.cache.put_many(fresh)
         return out  # type: ignore[return-value]
 
-    def run_method(self, spec: MethodSpec, tasks: list[str], n: int, bar) -> dict:
+    def run_method(self, spec: MethodSpec, tasks: list[str], n: int, bar, shift: str = "template") -> dict:
         router = make_router(spec.method, self.ctx, **spec.options)
-        res = {"method": spec.method, "options": spec.options, "tasks": {}, "routing": {}}
+        res = {"method": spec.method, "options": spec.options, "shift": shift, "tasks": {}, "routing": {}}
         lat, tokens, seconds = [], 0, 0.0
         engines: set[str] = set()
         rows = []          # (task, samples, decisions, max_tokens) per task
         for task_name in tasks:
             task = get_task(task_name)
-            samples = task.samples(n, EVAL_SEED, "eval")
+            samples = task.samples(n, EVAL_SEED, "eval", shift)
             if _writes_instructions(router):
                 # 16 routings at a time: the GLIDER instruction writer's generations share the engine's
                 # batches (each one's latency then includes waiting for that batch)
@@ -141,14 +141,14 @@ class Evaluator:
         _summarise(res, tasks)
         return res
 
-    def best_single(self, tasks: list[str], n: int, bar) -> dict:
+    def best_single(self, tasks: list[str], n: int, bar, shift: str = "template") -> dict:
         """Per held-out task, the best accuracy any one expert gets (and which)."""
         from moerge.router.base import ExpertScore
-        res = {"method": "best-single", "tasks": {}}
+        res = {"method": "best-single", "shift": shift, "tasks": {}}
         experts = [c.name for c in self.pool.list() if c.kind == "lora"]
         for task_name in [t for t in tasks if t in HELD_OUT]:
             task = get_task(task_name)
-            samples = task.samples(n, EVAL_SEED, "eval")
+            samples = task.samples(n, EVAL_SEED, "eval", shift)
             best = (-1.0, None)
             per_expert = {}
             pinned = [RoutingDecision("pinned", "sequence", experts=[ExpertScore(e, 1.0)], chosen=[e]) for e in experts]
@@ -222,22 +222,31 @@ def _summarise(res: dict, tasks: list[str]) -> None:
 
 
 def evaluate(system, *, methods: list[MethodSpec], tasks: list[str], n: int, out: Path,
-             cache_path: Path, namespace: str, with_best_single: bool = True) -> dict:
+             cache_path: Path, namespace: str, with_best_single: bool = True,
+             shifts: tuple[str, ...] = ("template", "content")) -> dict:
+    """Every method on every task, once per evaluation shift (tasks/base.py: `template` = unseen
+    phrasings of the template lists' content; `content` = unseen phrasings of content from the
+    evaluation pools, which training never draws from). `report["shifts"][shift]["methods"]`
+    holds each shift's results; `report["methods"]` is the first shift's, for readers of one."""
     out.mkdir(parents=True, exist_ok=True)
     cache = GenerationCache(cache_path, namespace)
     ev = Evaluator(system, cache)
     pool = system.pool
     t0 = time.time()
-    steps = len(methods) * len(tasks) + (len([t for t in tasks if t in HELD_OUT]) if with_best_single else 0)
+    held_out = len([t for t in tasks if t in HELD_OUT]) if with_best_single else 0
+    steps = (len(methods) * len(tasks) + held_out) * len(shifts)
     report = {"config": {"n": n, "tasks": tasks, "methods": [m.label for m in methods], "eval_seed": EVAL_SEED,
-                         "experts": [c.name for c in pool.list()]}, "methods": {}}
+                         "shifts": list(shifts), "experts": [c.name for c in pool.list()]}, "shifts": {}}
     with tqdm(total=steps, desc="eval", mininterval=2) as bar:
-        for spec in methods:
-            bar.set_postfix_str(spec.label)
-            report["methods"][spec.label] = ev.run_method(spec, tasks, n, bar)
-            (out / "report.json").write_text(json.dumps(report, indent=2))
-        if with_best_single:
-            report["methods"]["best-single"] = ev.best_single(tasks, n, bar)
+        for shift in shifts:
+            mine = report["shifts"].setdefault(shift, {"methods": {}})["methods"]
+            report.setdefault("methods", mine)
+            for spec in methods:
+                bar.set_postfix_str(f"{shift}: {spec.label}")
+                mine[spec.label] = ev.run_method(spec, tasks, n, bar, shift)
+                (out / "report.json").write_text(json.dumps(report, indent=2))
+            if with_best_single:
+                mine["best-single"] = ev.best_single(tasks, n, bar, shift)
     report["out_of_domain"] = ev.out_of_domain(methods)
     report["cost"] = {"wall_seconds": round(time.time() - t0, 1), "cache_hits": cache.hits,
                       "cache_misses": cache.misses, "generations_by_engine": dict(ev.engine_rows),

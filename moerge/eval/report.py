@@ -19,11 +19,17 @@ def _fmt(v, pct=True) -> str:
     return f"{100 * v:.1f}" if pct else f"{v:.1f}"
 
 
-def results_table(report: dict) -> str:
+def _methods(report: dict, shift: str | None = None) -> dict:
+    if shift is None:
+        return report["methods"]
+    return report["shifts"][shift]["methods"]
+
+
+def results_table(report: dict, shift: str | None = None) -> str:
     ood = report.get("out_of_domain", {})
     lines = ["| method | held-in | held-out | routing top-1 (held-in) | OOD abstain | routing ms (p50) | tokens/s | engine |",
              "|---|---|---|---|---|---|---|---|"]
-    for label, r in report["methods"].items():
+    for label, r in _methods(report, shift).items():
         lat = r.get("routing_latency_ms", {}).get("p50")
         lines.append(f"| {label} | {_fmt(r.get('held_in'))} | {_fmt(r.get('held_out'))} | "
                      f"{_fmt(r.get('routing_top1_held_in'))} | {_fmt(ood.get(label, {}).get('abstain_rate'))} | "
@@ -70,21 +76,104 @@ def aims(report: dict) -> list[str]:
     return out
 
 
-def per_task_table(report: dict) -> str:
+def per_task_table(report: dict, shift: str | None = None) -> str:
     tasks = report["config"]["tasks"]
     head = "| method | " + " | ".join(tasks) + " |"
     lines = [head, "|" + "---|" * (len(tasks) + 1)]
-    for label, r in report["methods"].items():
+    for label, r in _methods(report, shift).items():
         cells = [_fmt(r["tasks"].get(t, {}).get("accuracy")) for t in tasks]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def shift_table(report: dict) -> str:
+    """Each method's held-in and held-out means on the two shifts, and the drop."""
+    t, c = _methods(report, "template"), _methods(report, "content")
+    lines = ["| method | held-in template | held-in content | drop | held-out template | held-out content |",
+             "|---|---|---|---|---|---|"]
+    for label in t:
+        if label not in c:
+            continue
+        a, b = t[label].get("held_in"), c[label].get("held_in")
+        drop = f"{100 * (a - b):.1f}" if a is not None and b is not None else "–"
+        lines.append(f"| {label} | {_fmt(a)} | {_fmt(b)} | {drop} | {_fmt(t[label].get('held_out'))} | "
+                     f"{_fmt(c[label].get('held_out'))} |")
+    return "\n".join(lines)
+
+
+def expert_aims(report: dict) -> list[str]:
+    """Issue 12's aims on the content shift: each expert (oracle) vs base and vs its template
+    accuracy, the mean over the held-in experts, and glider-global's routing."""
+    t, c = _methods(report, "template"), _methods(report, "content")
+    if "oracle" not in c or "base" not in c:
+        return []
+    out = []
+    held_in = [x for x in report["config"]["tasks"] if x in HELD_IN and x in c["oracle"]["tasks"]]
+    worst_gain, worst_drop = None, None
+    for task in held_in:
+        ora = c["oracle"]["tasks"][task]["accuracy"]
+        gain = ora - c["base"]["tasks"][task]["accuracy"]
+        drop = (t["oracle"]["tasks"][task]["accuracy"] - ora) if "oracle" in t else None
+        worst_gain = (gain, task) if worst_gain is None or gain < worst_gain[0] else worst_gain
+        if drop is not None:
+            worst_drop = (drop, task) if worst_drop is None or drop > worst_drop[0] else worst_drop
+    if held_in:
+        mean = c["oracle"]["held_in"]
+        out.append(f"- content shift, every held-in expert ≥ base + 40: the smallest gain is "
+                   f"{100 * worst_gain[0]:.0f} points ({worst_gain[1]}) ({'met' if worst_gain[0] >= 0.4 else 'missed'})")
+        out.append(f"- content shift, mean over the held-in experts (oracle) {_fmt(mean)} (aim ≥ 85: "
+                   f"{'met' if mean is not None and mean >= 0.85 else 'missed'})")
+        if worst_drop is not None:
+            out.append(f"- no expert more than 10 points lower on content than on template: the largest drop is "
+                       f"{100 * worst_drop[0]:.0f} points ({worst_drop[1]}) ({'met' if worst_drop[0] <= 0.10 else 'missed'})")
+    ood = report.get("out_of_domain", {}).get("glider-global")
+    if "glider-global" in c and ood:
+        top1, ab = c["glider-global"].get("routing_top1_held_in"), ood["abstain_rate"]
+        ok = top1 is not None and top1 >= 0.95 and ab >= 0.95
+        out.append(f"- content shift, glider-global top-1 {_fmt(top1)} and OOD abstain {_fmt(ab)} "
+                   f"(aim ≥ 95 and ≥ 95: {'met' if ok else 'missed'})")
+    return out
+
+
+def plot_shifts(report: dict, path: Path):
+    """Per held-in task, template vs content accuracy for base, oracle and glider-global."""
+    shifts = report.get("shifts", {})
+    if not {"template", "content"} <= set(shifts):
+        return None
+    labels = [m for m in ("base", "oracle", "glider-global") if m in shifts["content"]["methods"]
+              and m in shifts["template"]["methods"]]
+    tasks = [t for t in report["config"]["tasks"] if t in HELD_IN + HELD_OUT]
+    if not labels or not tasks:
+        return None
+    fig, ax = plt.subplots(figsize=(max(8, 0.75 * len(tasks)), 4.8))
+    width = 0.8 / (2 * len(labels))
+    x = np.arange(len(tasks))
+    k = 0
+    for m in labels:
+        for shift, hatch in (("template", ""), ("content", "//")):
+            vals = [100 * shifts[shift]["methods"][m]["tasks"].get(t, {}).get("accuracy", np.nan) for t in tasks]
+            ax.bar(x - 0.4 + width * (k + 0.5), vals, width, label=f"{m} ({shift})", hatch=hatch,
+                   color=f"C{labels.index(m)}", alpha=0.55 if shift == "content" else 0.95)
+            k += 1
+    ax.set_xticks(x, tasks, rotation=45, ha="right", fontsize=8)
+    ax.set_ylabel("accuracy (%)")
+    ax.set_ylim(0, 105)
+    ax.set_title("Template shift vs content shift, per task")
+    ax.legend(fontsize=7, ncol=3)
+    ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
 def write_report(report: dict, out: Path) -> None:
     out = Path(out)
     plots = [plot_held_in_vs_out(report, out / "held_in_vs_held_out.png"),
              plot_routing_heatmap(report, out / "routing_heatmap.png"),
-             plot_layer_mass(report, out / "layer_routing_mass.png")]
+             plot_layer_mass(report, out / "layer_routing_mass.png"),
+             plot_shifts(report, out / "template_vs_content.png")]
+    shifts = list(report.get("shifts", {}))
     cost = report.get("cost", {})
     md = ["# moerge evaluation\n",
           f"n = {report['config']['n']} evaluation paraphrases per task (seed {report['config']['eval_seed']}); "
@@ -94,15 +183,27 @@ def write_report(report: dict, out: Path) -> None:
           "Accuracy in %. Routing top-1: share of held-in prompts whose own expert is chosen first "
           "(sequence methods), or mean share of routing mass on the own expert over layers (token methods). "
           "OOD abstain: share of the out-of-domain prompts routed to no expert.\n",
-          "## Summary\n", results_table(report)]
-    checks = aims(report)
-    if checks:
-        md += ["\n## Aims\n", *checks]
-    md += ["\n## Per task\n", per_task_table(report)]
-    bs = report["methods"].get("best-single", {}).get("tasks", {})
-    if bs:
-        md += ["\n## Best single expert per held-out task\n", "| task | expert | accuracy |", "|---|---|---|"]
-        md += [f"| {t} | {v['expert']} | {_fmt(v['accuracy'])} |" for t, v in bs.items()]
+          "Shifts: `template` = evaluation phrasings never used in training, over the content of the "
+          "template lists; `content` = the same phrasings over content from the evaluation pools "
+          "(other words, entities, number ranges and lengths), which training never draws from "
+          "(docs/TASKS.md).\n"]
+    if "template" in shifts and "content" in shifts:
+        md += ["## Template vs content\n", shift_table(report)]
+        checks = expert_aims(report)
+        if checks:
+            md += ["\n## Aims for the experts (content shift)\n", *checks]
+    for shift in shifts or [None]:
+        title = f" ({shift} shift)" if shift else ""
+        md += [f"\n## Summary{title}\n", results_table(report, shift)]
+        checks = aims({**report, "methods": _methods(report, shift)})
+        if checks:
+            md += [f"\n## Aims for routing{title}\n", *checks]
+        md += [f"\n## Per task{title}\n", per_task_table(report, shift)]
+        bs = _methods(report, shift).get("best-single", {}).get("tasks", {})
+        if bs:
+            md += [f"\n## Best single expert per held-out task{title}\n", "| task | expert | accuracy |",
+                   "|---|---|---|"]
+            md += [f"| {t} | {v['expert']} | {_fmt(v['accuracy'])} |" for t, v in bs.items()]
     md += ["\n## Plots\n"] + [f"![{p.stem}]({p.name})" for p in plots if p is not None]
     (out / "report.md").write_text("\n".join(md) + "\n")
 

@@ -24,10 +24,13 @@ EVAL_SEED = 20261124     # evaluation paraphrases: never used for training or ea
 GATE_SEED = 7
 N_EVAL = 50
 
+SHIFTS = ("template", "content")
+
 # Budgets: the maximum number of steps; every run stops early once its dev accuracy (training
-# templates, separate seed) reaches 97%. Tasks that need computation get more steps.
+# templates and the training content pool, separate seed) reaches 97%. Tasks that need
+# computation, or that must learn a skill over an open vocabulary, get more steps.
 MAX_STEPS = {"arith_add": 300, "arith_mul": 300, "count_words": 300, "number_to_words": 250,
-             "sort_numbers": 250}
+             "sort_numbers": 250, "uppercase": 300, "reverse_words": 200}
 DEFAULT_STEPS = 150
 
 
@@ -35,35 +38,41 @@ def default_config(task: str) -> TrainConfig:
     return TrainConfig(task=task, steps=MAX_STEPS.get(task, DEFAULT_STEPS))
 
 
-def _base_accuracy(base_dir: Path, tasks: list[str], cache: Path, log) -> dict[str, float]:
+def _base_accuracy(base_dir: Path, tasks: list[str], cache: Path, log) -> dict[str, dict[str, float]]:
+    """{task: {shift: accuracy}} of the base model alone, cached in the library folder."""
     from transformers import AutoModelForCausalLM
 
     known = json.loads(cache.read_text()) if cache.exists() else {}
-    todo = [t for t in tasks if t not in known]
+    todo = [t for t in tasks if not isinstance(known.get(t), dict) or set(known[t]) != set(SHIFTS)]
     if todo:
         tok = load_tokenizer(base_dir)
         model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
         for t in todo:
-            known[t], _ = accuracy(t, model, tok, get_task(t).samples(N_EVAL, EVAL_SEED, "eval"))
-            log(f"base model on {t}: {known[t]:.0%}")
+            known[t] = {sh: accuracy(t, model, tok, get_task(t).samples(N_EVAL, EVAL_SEED, "eval", sh))[0]
+                        for sh in SHIFTS}
+            log(f"base model on {t}: " + ", ".join(f"{sh} {a:.0%}" for sh, a in known[t].items()))
         cache.write_text(json.dumps(known, indent=2, sort_keys=True) + "\n")
     return known
 
 
-def _expert_accuracy(base_dir: Path, adapter_dir: Path, task: str) -> tuple[float, list[dict]]:
+def _expert_accuracy(base_dir: Path, adapter_dir: Path, task: str) -> tuple[dict[str, float], list[dict]]:
+    """{shift: accuracy} of one expert on the evaluation samples, and a few of its outputs."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     tok = load_tokenizer(base_dir)
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
     model = PeftModel.from_pretrained(model, adapter_dir).eval()
-    samples = get_task(task).samples(N_EVAL, EVAL_SEED, "eval")
-    acc, preds = accuracy(task, model, tok, samples)
-    shown = [{"prompt": s.prompt, "expected": s.answer, "got": p} for s, p in zip(samples[:8], preds[:8])]
-    return acc, shown
+    accs, shown = {}, []
+    for shift in SHIFTS:
+        samples = get_task(task).samples(N_EVAL, EVAL_SEED, "eval", shift)
+        accs[shift], preds = accuracy(task, model, tok, samples)
+        shown += [{"shift": shift, "prompt": s.prompt, "expected": s.answer, "got": p}
+                  for s, p in zip(samples[:5], preds[:5])]
+    return accs, shown
 
 
-def build_expert(base_dir: Path, task: str, out: Path, base_acc: float, log=print) -> dict:
+def build_expert(base_dir: Path, task: str, out: Path, base_acc: dict[str, float], log=print) -> dict:
     cfg = default_config(task)
     manifest_path = out / "manifest.json"
     if manifest_path.exists() and (out / "gate.safetensors").exists():
@@ -83,15 +92,18 @@ def build_expert(base_dir: Path, task: str, out: Path, base_acc: float, log=prin
     (out / "gate.safetensors").write_bytes(gates_to_bytes(gate["gates"]))
     manifest.update({
         "accuracy": {"expert": acc, "base": base_acc, "n": N_EVAL, "eval_seed": EVAL_SEED,
-                     "eval_templates": t.eval_templates},
+                     "eval_templates": t.eval_templates, "shifts": list(SHIFTS)},
+        "content_pools": {"source": "moerge/tasks/content.py (wordfreq top words, entity tables, number "
+                                    "ranges), split by a hash of each item; training draws only from 'train'",
+                          "train_templates": len(t.train_templates)},
         "examples_of_outputs": shown,
         "gate": {"steps": len(gate["loss_curve"]), "lr": 5e-3, "batch_size": 8, "seed": GATE_SEED,
                  "examples": len(gate_samples), "loss_curve": gate["loss_curve"]},
         "build_seconds": round(time.time() - t0, 1),
     })
     manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
-    log(f"{task}: expert {acc:.0%} vs base {base_acc:.0%} on {N_EVAL} evaluation paraphrases "
-        f"({manifest['steps_run']} steps, {manifest['build_seconds']:.0f}s)")
+    log(f"{task}: expert " + ", ".join(f"{sh} {acc[sh]:.0%} (base {base_acc[sh]:.0%})" for sh in SHIFTS)
+        + f" on {N_EVAL} evaluation prompts ({manifest['steps_run']} steps, {manifest['build_seconds']:.0f}s)")
     return manifest
 
 

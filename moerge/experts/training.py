@@ -45,6 +45,9 @@ class TrainConfig:
     dev_size: int = 32
     checkpoint_every: int = 25
     max_new_tokens: int = 40
+    # what the training data is: "content-pools-v1" = the broad training pools of tasks/content.py
+    # under the generated paraphrase templates; a change of recipe must change the fingerprint
+    data: str = "content-pools-v1"
     threads: int = field(default_factory=lambda: torch.get_num_threads())
 
     def fingerprint(self) -> str:

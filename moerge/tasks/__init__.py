@@ -1,4 +1,4 @@
-"""The task suite (TASKS.md): generators, templates and exact scorers, plus the out-of-domain set."""
+"""The task suite (docs/TASKS.md): generators, templates and exact scorers, plus the out-of-domain set."""
 
 from pathlib import Path
 

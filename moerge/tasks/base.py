@@ -9,6 +9,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 
+SHIFTS = ("template", "content")
+
+
 @dataclass(frozen=True)
 class Sample:
     task: str
@@ -16,10 +19,12 @@ class Sample:
     answer: str
     template: int
     split: str
+    shift: str = "template"
+    content: tuple[str, ...] = ()     # the content keys ("kind:key") of the content pools it used
 
 
 def normalise(text: str) -> str:
-    """Collapse whitespace, strip one trailing period (TASKS.md scoring rules)."""
+    """Collapse whitespace, strip one trailing period (docs/TASKS.md scoring rules)."""
     text = " ".join(str(text).split())
     return text[:-1] if text.endswith(".") else text
 
@@ -42,8 +47,15 @@ class Task:
     case_insensitive: bool = False
     json_answer: bool = False
     tags: list[str] = field(default_factory=list)
+    # rng, pool -> (template fields, answer, content keys): the broad pools of tasks/content.py
+    make_content: Callable[[random.Random, str], tuple[dict, str, tuple[str, ...]]] | None = None
+    paraphrases: list[str] = field(default_factory=list)  # generated into more training templates
 
     def __post_init__(self):
+        if self.paraphrases:
+            banned = {t.lower() for t in self.eval_templates} | {t.lower() for t in self.train_templates}
+            extra = [t for t in expand_paraphrases(self.paraphrases) if t.lower() not in banned]
+            self.train_templates = list(self.train_templates) + list(dict.fromkeys(extra))
         if self.held_in and len(self.train_templates) < 8:
             raise ValueError(f"{self.name}: needs at least 8 training templates")
         if len(self.eval_templates) < 4:
@@ -55,15 +67,34 @@ class Task:
     def templates(self, split: str) -> list[str]:
         return self.train_templates if split == "train" else self.eval_templates
 
-    def samples(self, n: int, seed: int, split: str = "eval") -> list[Sample]:
-        """n samples, deterministic in (task, seed, split); templates cycle evenly."""
+    def samples(self, n: int, seed: int, split: str = "eval", shift: str = "template") -> list[Sample]:
+        """n samples, deterministic in (task, split, shift, seed); templates cycle evenly.
+
+        - train: training templates, content from the training pool (tasks/content.py);
+        - eval, shift "template": evaluation templates, content from the short lists of vocab.py;
+        - eval, shift "content": evaluation templates, content from the evaluation pool, which no
+          training sample draws from.
+        """
+        if split not in ("train", "eval"):
+            raise ValueError(f"unknown split {split!r}; splits are train, eval")
+        if shift not in SHIFTS:
+            raise ValueError(f"unknown shift {shift!r}; shifts are {', '.join(SHIFTS)}")
         templates = self.templates(split)
-        rng = random.Random(f"{self.name}/{split}/{seed}")
+        if not templates or self.make_content is None and split == "train":
+            raise ValueError(f"{self.name} has no {split} templates or pools (held-out tasks are never trained on)")
+        pool = "train" if split == "train" else ("eval" if shift == "content" else None)
+        key = f"{self.name}/{split}/{seed}" if split == "eval" and shift == "template" else \
+            f"{self.name}/{split}/{shift if split == 'eval' else 'pool'}/{seed}"
+        rng = random.Random(key)
         out = []
         for i in range(n):
-            fields, answer = self.make(rng)
+            if pool is None:
+                (fields, answer), content = self.make(rng), ()
+            else:
+                fields, answer, content = self.make_content(rng, pool)
             t = (i + rng.randrange(len(templates))) % len(templates) if split == "train" else i % len(templates)
-            out.append(Sample(self.name, templates[t].format(**fields), answer, t, split))
+            out.append(Sample(self.name, templates[t].format(**fields), answer, t, split,
+                              shift if split == "eval" else "template", tuple(content)))
         return out
 
     def score(self, prediction: str, answer: str) -> bool:
@@ -74,6 +105,25 @@ class Task:
         if self.case_insensitive:
             p, a = p.lower(), a.lower()
         return p == a
+
+
+PREFIXES = ("", "Please ", "Can you ", "Could you please ", "I need you to ", "Task: ", "Hey, ",
+            "Quick one: ", "Help me out and ")
+
+
+def expand_paraphrases(phrases: list[str]) -> list[str]:
+    """A paraphrase family: every instruction phrase under every polite or terse prefix.
+    Phrases are written as imperatives ("convert {s} to upper case"); the prefix decides the case
+    of the first letter."""
+    out = []
+    for p in phrases:
+        if p.startswith("{"):          # the data first, then the instruction: no prefix
+            out.append(p)
+            continue
+        for pre in PREFIXES:
+            lead = pre in ("", "Task: ", "Quick one: ")
+            out.append(pre + (p[0].upper() if lead else p[0].lower()) + p[1:])
+    return out
 
 
 _WORD_RE = re.compile(r"\S+")

@@ -1,4 +1,4 @@
-"""The task suite of TASKS.md: 12 held-in tasks (one expert each) and 4 held-out tasks."""
+"""The task suite of docs/TASKS.md: 12 held-in tasks (one expert each) and 4 held-out tasks."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import datetime as dt
 import json
 import random
 
+from moerge.tasks import content as C
 from moerge.tasks import vocab as V
 from moerge.tasks.base import Task
 
@@ -114,6 +115,151 @@ def make_capital(rng):
 def make_n2w(rng):
     n = rng.randint(0, 999) if rng.random() < 0.8 else rng.randint(0, 120)
     return {"n": n}, V.number_to_words(n)
+
+
+# ---- content pools (tasks/content.py): what experts train on and the `content` shift evaluates on.
+# Each maker returns (template fields, answer, content keys); every key is in `pool`.
+ADD_DIGITS = {1: 0.15, 2: 0.3, 3: 0.35, 4: 0.2}
+MUL_DIGITS = {1: 0.2, 2: 0.5, 3: 0.3}
+LIST_DIGITS = {1: 0.3, 2: 0.4, 3: 0.3}
+
+
+def c_pair(rng, pool, kind, sep):
+    a, b = C.draw(rng, pool, kind, lambda r: (C.number(r, ADD_DIGITS), C.number(r, ADD_DIGITS)),
+                  key=lambda p: f"{p[0]}{sep}{p[1]}")
+    return a, b, (f"{kind}:{a}{sep}{b}",)
+
+
+def c_add(rng, pool):
+    a, b, keys = c_pair(rng, pool, "add", "+")
+    return {"a": a, "b": b}, str(a + b), keys
+
+
+def c_sub(rng, pool):
+    a, b, keys = c_pair(rng, pool, "sub", "-")
+    a, b = max(a, b), min(a, b)
+    return {"a": a, "b": b}, str(a - b), keys
+
+
+def c_mul(rng, pool):
+    a, b = C.draw(rng, pool, "mul", lambda r: (C.number(r, MUL_DIGITS, lo=2), r.randint(2, 9)),
+                  key=lambda p: f"{p[0]}*{p[1]}")
+    return {"a": a, "b": b}, str(a * b), (f"mul:{a}*{b}",)
+
+
+def c_list(rng, pool):
+    nums = C.draw(rng, pool, "list", lambda r: [C.number(r, LIST_DIGITS) for _ in range(r.randint(3, 7))],
+                  key=lambda ns: ",".join(map(str, ns)))
+    key = ",".join(map(str, nums))
+    return {"nums": ", ".join(map(str, nums)), "nums_sp": " ".join(map(str, nums))}, nums, (f"list:{key}",)
+
+
+def c_sort(rng, pool):
+    f, nums, keys = c_list(rng, pool)
+    return f, ", ".join(map(str, sorted(nums))), keys
+
+
+def c_max(rng, pool):
+    f, nums, keys = c_list(rng, pool)
+    return f, str(max(nums)), keys
+
+
+def _text_keys(s):
+    return tuple(sorted(f"word:{w}" for w in C.content_words(s)))
+
+
+def c_upper(rng, pool):
+    s = C.text(rng, pool, 2, 10)
+    return {"s": s}, s.upper(), _text_keys(s)
+
+
+def c_lower(rng, pool):
+    s = C.text(rng, pool, 2, 10).upper()
+    return {"s": s}, s.lower(), _text_keys(s)
+
+
+def c_reverse(rng, pool):
+    s = C.text(rng, pool, 2, 9)
+    return {"s": s}, " ".join(reversed(s.split())), _text_keys(s)
+
+
+def c_count(rng, pool):
+    s = C.text(rng, pool, 2, 15)
+    return {"s": s}, str(len(s.split())), _text_keys(s)
+
+
+def c_iso_to_us(rng, pool):
+    d = C.date(rng, pool)
+    return {"d": d.isoformat()}, d.strftime("%m/%d/%Y"), (f"date:{d.isoformat()}",)
+
+
+def c_us_to_iso(rng, pool):
+    d = C.date(rng, pool)
+    return {"d": d.strftime("%m/%d/%Y")}, d.isoformat(), (f"date:{d.isoformat()}",)
+
+
+def _km(r):
+    form = r.random()
+    if form < 0.6:
+        milli = r.randint(1, 9999) * 100           # one decimal, 0.1-999.9
+        return f"{milli // 1000}.{milli % 1000 // 100}", milli
+    if form < 0.8:
+        milli = r.randint(1, 999) * 1000           # a whole number of km
+        return str(milli // 1000), milli
+    milli = r.randint(1, 9999) * 10                # two decimals, 0.01-99.99
+    return f"{milli // 1000}.{milli % 1000 // 10:02d}", milli
+
+
+def c_km(rng, pool):
+    km, metres = C.draw(rng, pool, "km", _km, key=lambda p: p[0])
+    return {"km": km}, str(metres), (f"km:{km}",)
+
+
+PERSON_FORMS = [
+    "{name} is {age} years old and lives in {city}.", "{name}, a {age}-year-old {job}, moved to {city} last year.",
+    "Meet {name}: {age} years old, works as a {job} in {city}.", "At {age}, {name} is the best {job} in {city}.",
+    "{name} ({age}) is a {job} from {city}.", "Our new {job}, {name}, turned {age} this spring.",
+    "In {city}, {name} has worked as a {job} since the age of {age - 10}; today {name} is {age}.",
+    "The {job} {name} celebrated turning {age} in {city}.", "{name} lives in {city}, is {age}, and is a {job}.",
+    "Age {age}, {job}, based in {city}: that is {name}.",
+    "{city} local {name}, {age}, runs a small business as a {job}.",
+    "Born {age} years ago, {name} now works as a {job} in {city}."]
+
+
+def c_person(rng, pool):
+    first = C.pick(rng, pool, "first_name", C.FIRST_NAMES)
+    last = C.pick(rng, pool, "last_name", C.LAST_NAMES)
+    city = C.pick(rng, pool, "city", C.CITIES)
+    job = C.pick(rng, pool, "job", C.JOBS)
+    age = rng.randint(18, 99)
+    name = f"{first} {last}"
+    form = rng.choice(PERSON_FORMS).replace("{age - 10}", str(age - 10)).replace("a {job}", "{a_job}")
+    s = form.format(name=name, age=age, city=city, job=job, a_job=("an " if job[0] in "aeiou" else "a ") + job)
+    return {"s": s}, json.dumps({"name": name, "age": age}), \
+        (f"first_name:{first}", f"last_name:{last}", f"city:{city}", f"job:{job}")
+
+
+REVIEW_FORMS = ["This {p} {x}.", "The {p} {x}!", "I bought the {p} and it {x}.", "Honestly, this {p} {x}.",
+                "My {p} {x}.", "Bought a {p} last month. It {x}.", "Five weeks in: the {p} {x}.",
+                "Update on the {p}: it {x}.", "Got this {p} as a gift and it {x}."]
+
+
+def c_review(rng, pool):
+    positive = rng.random() < 0.5
+    phrase = C.pick(rng, pool, "review_phrase", C.POSITIVE_PHRASES if positive else C.NEGATIVE_PHRASES)
+    product = C.pick(rng, pool, "product", C.PRODUCTS)
+    r = rng.choice(REVIEW_FORMS).format(p=product, x=phrase)
+    return {"r": r}, "positive" if positive else "negative", (f"review_phrase:{phrase}", f"product:{product}")
+
+
+def c_capital(rng, pool):
+    country = C.pick(rng, pool, "country", sorted(C.COUNTRY_CAPITALS))
+    return {"c": country}, C.COUNTRY_CAPITALS[country], (f"country:{country}",)
+
+
+def c_n2w(rng, pool):
+    n = C.draw(rng, pool, "n2w", lambda r: C.number(r, {1: 0.1, 2: 0.25, 3: 0.35, 4: 0.3}))
+    return {"n": n}, V.number_to_words(n), (f"n2w:{n}",)
 
 
 DIGITS = " Answer with the number only."
@@ -236,6 +382,151 @@ TASKS: list[Task] = [
           "Change {d} to ISO 8601 date format.", "Please rewrite the date {d} as year-month-day (YYYY-MM-DD)."],
          tags=["dates"]),
 ]
+
+
+# Each task's content maker, and for held-in tasks the instruction phrases that base.expand_paraphrases
+# turns into more training templates (eval templates are never among them).
+CONTENT_MAKERS = {
+    "arith_add": c_add,
+    "arith_mul": c_mul,
+    "sort_numbers": c_sort,
+    "uppercase": c_upper,
+    "reverse_words": c_reverse,
+    "count_words": c_count,
+    "date_iso_to_us": c_iso_to_us,
+    "km_to_m": c_km,
+    "json_person": c_person,
+    "sentiment": c_review,
+    "capital_of": c_capital,
+    "number_to_words": c_n2w,
+    "arith_sub": c_sub,
+    "max_of_list": c_max,
+    "lowercase": c_lower,
+    "date_us_to_iso": c_us_to_iso,
+}
+PARAPHRASES = {
+    'arith_add': [
+        "add {a} and {b}",
+        "tell me what {a} plus {b} is",
+        "work out the sum of {a} and {b}",
+        "give the result of {a} + {b}, digits only",
+        "find {a} + {b}",
+        "add {b} to {a} and reply with the number",
+        "compute {a}+{b}",
+        "total up {a} and {b}",
+        "solve {a} + {b}",
+    ],
+    'arith_mul': [
+        "multiply {a} by {b}",
+        "work out {a} times {b}",
+        "give the product of {a} and {b}, digits only",
+        "compute {a}*{b}",
+        "find {a} × {b}",
+        "calculate {b} times {a}",
+        "tell me what {a} multiplied by {b} is",
+        "solve {a} x {b}",
+        "multiply {b} and {a} and reply with the number",
+    ],
+    'sort_numbers': [
+        "sort {nums} in ascending order",
+        "arrange {nums} from smallest to largest",
+        "put {nums_sp} in increasing order",
+        "order these numbers from lowest to highest: {nums}",
+        "list {nums} sorted ascending",
+        "rearrange these values in ascending order: {nums_sp}",
+        "sort the numbers {nums}, smallest first",
+        "give me the ascending order of {nums}",
+    ],
+    'uppercase': [
+        "convert this text to upper case: {s}",
+        "rewrite this in capital letters: {s}",
+        "make the following all caps: {s}",
+        "uppercase every letter: {s}",
+        "change \"{s}\" to uppercase",
+        "write \"{s}\" in capitals",
+        "turn the following words into upper case: {s}",
+        "put this in all caps: {s}",
+        "{s}\n\nConvert the line above to upper case.",
+    ],
+    'reverse_words': [
+        "reverse the order of the words in: {s}",
+        "write the words of this text in reverse order: {s}",
+        "flip the word order: {s}",
+        "list these words from last to first: {s}",
+        "put the words of \"{s}\" in reverse order",
+        "read this back word by word, starting from the end: {s}",
+        "reverse the word sequence of: {s}",
+        "{s}\n\nReverse the order of the words above.",
+    ],
+    'count_words': [
+        "count the words in: {s}",
+        "tell me how many words this has: {s}",
+        "give the number of words in \"{s}\"",
+        "count how many words appear here: {s}",
+        "find the word count of: {s}",
+        "say how many words are in this line, as a number: {s}",
+        "work out how many words this text contains: {s}",
+        "{s}\n\nHow many words is the text above?",
+    ],
+    'date_iso_to_us': [
+        "convert {d} to MM/DD/YYYY",
+        "write {d} as a US date",
+        "rewrite the date {d} in month/day/year form",
+        "change the ISO date {d} into American format",
+        "give {d} in US format (MM/DD/YYYY)",
+        "reformat {d} as MM/DD/YYYY",
+        "turn the date {d} into US notation",
+    ],
+    'km_to_m': [
+        "convert {km} km to meters",
+        "tell me how many metres {km} kilometres is",
+        "express {km} km in meters, as a whole number",
+        "change {km} kilometers into meters",
+        "give {km} km in metres",
+        "work out {km} km in meters",
+        "convert a distance of {km} km to meters",
+    ],
+    'json_person': [
+        "extract the name and age from this text as JSON: {s}",
+        "give me JSON with the person's name and age: {s}",
+        "turn this into a JSON object with name and age: {s}",
+        "read this and output JSON (name, age): {s}",
+        "return {{\"name\": ..., \"age\": ...}} for: {s}",
+        "parse the name and age into JSON. Text: {s}",
+        "{s}\n\nExtract the name and age above as JSON.",
+    ],
+    'sentiment': [
+        "classify this review as positive or negative: {r}",
+        "tell me if this review is positive or negative: {r}",
+        "label the sentiment (positive/negative) of: {r}",
+        "decide whether this review is positive or negative. {r}",
+        "give the sentiment of this product review: {r}",
+        "say positive or negative for this review: {r}",
+        "{r}\n\nIs the review above positive or negative?",
+    ],
+    'capital_of': [
+        "name the capital of {c}",
+        "tell me the capital city of {c}",
+        "give the capital of {c}",
+        "say which city is the capital of {c}",
+        "write the capital city of {c}",
+        "answer with the capital of {c}",
+        "identify the capital of {c}",
+    ],
+    'number_to_words': [
+        "write {n} in words",
+        "spell out {n}",
+        "convert the number {n} into English words",
+        "give {n} written out in words",
+        "write the number {n} in letters",
+        "express {n} as English words",
+        "turn {n} into words",
+    ],
+}
+for _t in TASKS:
+    _t.make_content = CONTENT_MAKERS[_t.name]
+    _t.paraphrases = PARAPHRASES.get(_t.name, [])
+    _t.__post_init__()
 
 BY_NAME = {t.name: t for t in TASKS}
 HELD_IN = [t.name for t in TASKS if t.held_in]

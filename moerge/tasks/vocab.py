@@ -89,9 +89,12 @@ _TENS = ["", "", "twenty", "thirty", "forty", "fifty", "sixty", "seventy", "eigh
 
 
 def number_to_words(n: int) -> str:
-    """0..999 in English words: 347 -> 'three hundred forty-seven'."""
-    if not 0 <= n <= 999:
+    """0..9999 in English words: 347 -> 'three hundred forty-seven', 2005 -> 'two thousand five'."""
+    if not 0 <= n <= 9999:
         raise ValueError(n)
+    if n >= 1000:
+        thousands, rest = divmod(n, 1000)
+        return f"{_ONES[thousands]} thousand" + (f" {number_to_words(rest)}" if rest else "")
     if n < 20:
         return _ONES[n]
     if n < 100:

@@ -32,8 +32,9 @@ def test_plan_signature_separates_plans_and_merges_equal_ones():
 def test_quick_eval_writes_report_tables_and_plots(tmp_path, real_settings):
     out = tmp_path / "eval"
     env = {**os.environ, "MOERGE_HOME": str(real_settings.home), "MOERGE_CONFIG": str(tmp_path / "none.toml")}
-    proc = subprocess.run([sys.executable, "-m", "moerge.cli", "eval", "--quick", "--out", str(out)],
-                          env=env, capture_output=True, text=True, timeout=1200)
+    # the template shift here; the content shift of the real library is tests/eval/test_library_content.py
+    proc = subprocess.run([sys.executable, "-m", "moerge.cli", "eval", "--quick", "--out", str(out),
+                           "--shift", "template"], env=env, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())
     methods = report["methods"]
@@ -58,7 +59,8 @@ def test_quick_eval_writes_report_tables_and_plots(tmp_path, real_settings):
     assert "| glider-global |" in md and "held-out" in md
     # a second run is served from the generation cache
     proc = subprocess.run([sys.executable, "-m", "moerge.cli", "eval", "--quick", "--out", str(out),
-                           "--methods", "oracle"], env=env, capture_output=True, text=True, timeout=600)
+                           "--methods", "oracle", "--shift", "template"], env=env, capture_output=True, text=True,
+                          timeout=600)
     assert proc.returncode == 0
     again = json.loads((out / "report.json").read_text())
     assert again["cost"]["cache_misses"] == 0

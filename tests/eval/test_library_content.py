@@ -1,0 +1,35 @@
+"""The bundled library on the `content` shift (docs/TASKS.md): content no expert trained on, under
+phrasings no expert trained on. Each expert must beat the base model by at least 30 points."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from moerge.tasks import HELD_IN
+
+
+@pytest.mark.real
+@pytest.mark.slow
+def test_every_expert_beats_base_by_30_points_on_new_content(tmp_path, real_settings):
+    out = tmp_path / "eval"
+    env = {**os.environ, "MOERGE_HOME": str(real_settings.home), "MOERGE_CONFIG": str(tmp_path / "none.toml")}
+    args = [sys.executable, "-m", "moerge.cli", "eval", "--shift", "content", "--n", "10", "--out", str(out),
+            "--methods", "base", "--methods", "oracle"]
+    for t in HELD_IN:
+        args += ["--tasks", t]
+    proc = subprocess.run(args, env=env, capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    assert report["config"]["shifts"] == ["content"]
+    methods = report["shifts"]["content"]["methods"]
+    assert methods["oracle"]["shift"] == "content"
+    gains = {t: methods["oracle"]["tasks"][t]["accuracy"] - methods["base"]["tasks"][t]["accuracy"] for t in HELD_IN}
+    assert all(methods["oracle"]["tasks"][t]["n"] == 10 for t in HELD_IN)
+    weak = {t: round(g, 2) for t, g in gains.items() if g < 0.30}
+    assert not weak, f"experts less than 30 points above base on new content: {weak}"
+    assert "(content shift)" in (out / "report.md").read_text()

@@ -38,6 +38,11 @@ def default_config(task: str) -> TrainConfig:
     return TrainConfig(task=task, steps=MAX_STEPS.get(task, DEFAULT_STEPS))
 
 
+def _max_tokens(tok, samples) -> int:
+    """The longest answer's tokens plus 6, as the evaluation harness allows (an answer cut there is wrong anyway)."""
+    return max(len(tok(s.answer)["input_ids"]) for s in samples) + 6
+
+
 def _base_accuracy(base_dir: Path, tasks: list[str], cache: Path, log) -> dict[str, dict[str, float]]:
     """{task: {shift: accuracy}} of the base model alone, cached in the library folder."""
     from transformers import AutoModelForCausalLM
@@ -48,8 +53,8 @@ def _base_accuracy(base_dir: Path, tasks: list[str], cache: Path, log) -> dict[s
         tok = load_tokenizer(base_dir)
         model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
         for t in todo:
-            known[t] = {sh: accuracy(t, model, tok, get_task(t).samples(N_EVAL, EVAL_SEED, "eval", sh))[0]
-                        for sh in SHIFTS}
+            known[t] = {sh: accuracy(t, model, tok, s, _max_tokens(tok, s))[0]
+                        for sh in SHIFTS for s in [get_task(t).samples(N_EVAL, EVAL_SEED, "eval", sh)]}
             log(f"base model on {t}: " + ", ".join(f"{sh} {a:.0%}" for sh, a in known[t].items()))
         cache.write_text(json.dumps(known, indent=2, sort_keys=True) + "\n")
     return known
@@ -66,13 +71,13 @@ def _expert_accuracy(base_dir: Path, adapter_dir: Path, task: str) -> tuple[dict
     accs, shown = {}, []
     for shift in SHIFTS:
         samples = get_task(task).samples(N_EVAL, EVAL_SEED, "eval", shift)
-        accs[shift], preds = accuracy(task, model, tok, samples)
+        accs[shift], preds = accuracy(task, model, tok, samples, _max_tokens(tok, samples))
         shown += [{"shift": shift, "prompt": s.prompt, "expected": s.answer, "got": p}
                   for s, p in zip(samples[:5], preds[:5])]
     return accs, shown
 
 
-def build_expert(base_dir: Path, task: str, out: Path, base_acc: dict[str, float], log=print) -> dict:
+def build_expert(base_dir: Path, task: str, out: Path, log=print) -> dict:
     cfg = default_config(task)
     manifest_path = out / "manifest.json"
     if manifest_path.exists() and (out / "gate.safetensors").exists():
@@ -91,7 +96,7 @@ def build_expert(base_dir: Path, task: str, out: Path, base_acc: dict[str, float
                       seed=GATE_SEED)
     (out / "gate.safetensors").write_bytes(gates_to_bytes(gate["gates"]))
     manifest.update({
-        "accuracy": {"expert": acc, "base": base_acc, "n": N_EVAL, "eval_seed": EVAL_SEED,
+        "accuracy": {"expert": acc, "base": None, "n": N_EVAL, "eval_seed": EVAL_SEED,
                      "eval_templates": t.eval_templates, "shifts": list(SHIFTS)},
         "content_pools": {"source": "moerge/tasks/content.py (wordfreq top words, entity tables, number "
                                     "ranges), split by a hash of each item; training draws only from 'train'",
@@ -102,7 +107,7 @@ def build_expert(base_dir: Path, task: str, out: Path, base_acc: dict[str, float
         "build_seconds": round(time.time() - t0, 1),
     })
     manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
-    log(f"{task}: expert " + ", ".join(f"{sh} {acc[sh]:.0%} (base {base_acc[sh]:.0%})" for sh in SHIFTS)
+    log(f"{task}: expert " + ", ".join(f"{sh} {acc[sh]:.0%}" for sh in SHIFTS)
         + f" on {N_EVAL} evaluation prompts ({manifest['steps_run']} steps, {manifest['build_seconds']:.0f}s)")
     return manifest
 
@@ -122,14 +127,20 @@ def write_index(library: Path) -> None:
 
 
 def build_library(base_dir: Path, library: Path, tasks: list[str] | None = None, log=print) -> list[dict]:
+    """Train every expert first, then measure the base model on the same samples and record it in
+    each manifest next to the expert's accuracy."""
     tasks = tasks or list(HELD_IN)
     for t in tasks:
         if not get_task(t).held_in:
             raise ValueError(f"{t} is a held-out task: it gets no expert")
     library.mkdir(parents=True, exist_ok=True)
-    base = _base_accuracy(base_dir, tasks, library / "base_accuracy.json", log)
     manifests = []
     for task in tasks:
-        manifests.append(build_expert(base_dir, task, library / task, base[task], log))
+        manifests.append(build_expert(base_dir, task, library / task, log))
         write_index(library)
+    base = _base_accuracy(base_dir, tasks, library / "base_accuracy.json", log)
+    for task, manifest in zip(tasks, manifests):
+        if manifest["accuracy"].get("base") != base[task]:
+            manifest["accuracy"]["base"] = base[task]
+            (library / task / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return manifests

@@ -43,13 +43,17 @@ test-fast: install
 bench: assets
 	$(PY) -m bench
 
-# the reliability tests (inputs, limits, engine faults), then service ÷ engine throughput at 48 and 96
-# concurrent requests on loopback (bench/service_vs_engine.py; one engine, ended with its process group)
+# the reliability tests (inputs, limits, engine faults, batch independence), then service ÷ engine
+# throughput at 48 and 96 concurrent requests on loopback (bench/service_vs_engine.py; one engine, ended
+# with its process group), then a locust load run (bench/load.py, the `load` extra: mixed plans while an expert is registered and
+# removed; requests/s, p50/p99, errors, memory; exits 1 on any failed request)
 reliability: assets
 	bash scripts/pytest.sh tests/service/test_backpressure.py tests/service/test_security.py \
 		tests/service/test_uploads.py tests/service/test_fuzz.py tests/executors/test_vllm_faults.py \
-		tests/service/test_load.py
+		tests/service/test_load.py tests/executors/test_batch_independence.py
 	$(PY) -m bench.service_vs_engine --concurrency 48 96 --rounds 2
+	$(PIP) install -c constraints.txt -e '.[load]'
+	$(PY) -m bench.load --users 32 --duration 120
 
 experts: assets
 	$(VENV)/bin/moerge experts build

@@ -28,9 +28,11 @@ from locust.env import Environment
 import argparse
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -45,7 +47,7 @@ PROMPTS = ["What is 345 + 210? Answer with the number only.", "Convert to upper 
 CHURN_FROM = Path(__file__).resolve().parent.parent / "moerge" / "experts" / "library" / "sentiment"
 
 CHILD = """
-import sys, tempfile
+import sys
 from pathlib import Path
 import uvicorn
 from moerge.config import Settings
@@ -53,8 +55,8 @@ from moerge.service.app import create_app
 from moerge.service.runtime import Runtime
 from moerge.startup import start
 if __name__ == "__main__":
-    port = int(sys.argv[1])
-    system = start(Settings(bundled_pool=True), pool_dir=Path(tempfile.mkdtemp(prefix="moerge-load-")),
+    port, pool_dir = int(sys.argv[1]), Path(sys.argv[2])
+    system = start(Settings(bundled_pool=True), pool_dir=pool_dir,
                    progress=lambda m: print(m, flush=True))
     try:
         uvicorn.run(create_app(Runtime(system)), host="127.0.0.1", port=port, log_level="warning")
@@ -238,7 +240,8 @@ def main(argv: list[str]) -> dict:
     ap.add_argument("--docs-copy", action="store_true", help="also copy the JSON and the plot to docs/results/")
     args = ap.parse_args(argv)
     url = f"http://127.0.0.1:{args.port}"
-    child = subprocess.Popen([sys.executable, "-c", CHILD, str(args.port)], start_new_session=True,
+    pool_dir = Path(tempfile.mkdtemp(prefix="moerge-load-"))      # the service's pool, removed at the end
+    child = subprocess.Popen([sys.executable, "-c", CHILD, str(args.port), str(pool_dir)], start_new_session=True,
                              stdout=subprocess.DEVNULL if os.environ.get("MOERGE_LOAD_QUIET") else None)
     try:
         import requests
@@ -287,6 +290,7 @@ def main(argv: list[str]) -> dict:
         samples.append((time.monotonic(), *_rss_mib(child.pid)))
     finally:
         _end_group(child)
+        shutil.rmtree(pool_dir, ignore_errors=True)
 
     # figures over the steady part: after every user spawned
     steady0 = t0 + spawn_s
@@ -329,7 +333,6 @@ def main(argv: list[str]) -> dict:
         print("  error:", e)
     print(f"JSON in {args.out}, plot in {args.out.with_suffix('.png')}")
     if args.docs_copy:
-        import shutil
         docs = Path(__file__).resolve().parent.parent / "docs" / "results"
         for f in (args.out, args.out.with_suffix(".png")):
             shutil.copy(f, docs / f.name)

@@ -54,6 +54,9 @@ class Settings(BaseSettings):
     base_model_id: str = BASE_MODEL_ID
     max_upload_mb: float = Field(default=64.0, description="largest single adapter file accepted")
     max_lora_rank: int = Field(default=256, ge=1)
+    registry_busy_timeout_s: float = Field(default=5.0, gt=0, description="seconds a registry call waits for "
+                                           "another process's SQLite lock; past it, 503 with Retry-After and "
+                                           "nothing changed")
     bundled_pool: bool = Field(default=True, description="load the bundled expert library on first start")
 
     host: str = "127.0.0.1"
@@ -87,6 +90,10 @@ class Settings(BaseSettings):
                               "more gets 503 with Retry-After. 0 = unlimited")
     request_timeout_s: float = Field(default=0.0, ge=0, description="seconds a chat request may take on the engine "
                                      "before it is aborted (504); 0 = no limit")
+    remote_timeout_s: float = Field(default=60.0, gt=0, description="seconds a whole-model expert on another "
+                                    "server has for a whole answer, or for each chunk of a streamed one; past it "
+                                    "before any text went out, the base model answers (`fallback` says why); "
+                                    "mid-stream, the stream ends with a 504 error")
     cors_origins: list[str] = Field(default_factory=list, description="origins allowed to call the API from a "
                                     "browser; empty = no CORS headers at all")
     threads: int = Field(default=0, description="torch threads; 0 = torch default")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import aclosing
 from dataclasses import dataclass, field
 
 from moerge.config import Settings
@@ -81,21 +82,39 @@ class System:
 
     async def agenerate(self, messages: list[dict], params: SamplingParams, plan: ExecutionPlan
                         ) -> tuple[Generation, ExecutionPlan]:
-        """`generate`, awaited: an engine with `agenerate` (vLLM) holds no thread while it works; the
-        reference and remote engines run in a worker thread, as before."""
+        """`generate`, awaited: an engine with `agenerate` (vLLM, remote) holds no thread while it works;
+        the reference engine runs in a worker thread. A failed remote model is answered by the base model."""
+        from moerge.executors.remote import RemoteModelError
         ex = self.executor(plan)
-        if hasattr(ex, "agenerate"):
+        if not hasattr(ex, "agenerate"):
+            return await asyncio.to_thread(self.generate, messages, params, plan)
+        try:
             return await ex.agenerate(messages, params, plan), plan
-        return await asyncio.to_thread(self.generate, messages, params, plan)
+        except RemoteModelError as e:
+            log.warning("%s", e)
+            return await self.agenerate(messages, params, fallback_plan(plan, str(e), self.engines()))
 
     async def astream(self, messages: list[dict], params: SamplingParams, plan: ExecutionPlan
                       ) -> tuple[AsyncIterator[StreamDelta], ExecutionPlan]:
-        """`stream`, awaited; closing the iterator cancels the engine request where the engine can."""
+        """`stream`, awaited; closing the iterator cancels the engine request where the engine can. A remote
+        model that fails before its first text is answered by the base model."""
+        from moerge.executors.remote import RemoteModelError
         ex = self.executor(plan)
-        if hasattr(ex, "astream"):
-            return ex.astream(messages, params, plan), plan
-        it, plan = await asyncio.to_thread(self.stream, messages, params, plan)
-        return _in_thread(it), plan
+        if not hasattr(ex, "astream"):
+            it, plan = await asyncio.to_thread(self.stream, messages, params, plan)
+            return _in_thread(it), plan
+        it = ex.astream(messages, params, plan)
+        if plan.engine != "remote":
+            return it, plan
+        try:
+            first = await anext(it)
+        except StopAsyncIteration:
+            return _after(None, it), plan
+        except RemoteModelError as e:
+            await it.aclose()
+            log.warning("%s", e)
+            return await self.astream(messages, params, fallback_plan(plan, str(e), self.engines()))
+        return _after(first, it), plan
 
     def generate_many(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams],
                       plans: list[ExecutionPlan]) -> list[Generation]:
@@ -132,6 +151,15 @@ class System:
         for ex in self.local:
             if hasattr(ex, "shutdown"):
                 ex.shutdown()
+
+
+async def _after(first, it: AsyncIterator) -> AsyncIterator:
+    """`first` (unless None), then the rest of `it`; closing this closes `it`."""
+    async with aclosing(it):
+        if first is not None:
+            yield first
+        async for item in it:
+            yield item
 
 
 async def _in_thread(it: Iterator) -> AsyncIterator:
@@ -173,7 +201,7 @@ def start(settings: Settings, *, executor: str | None = None, pool_dir=None, bun
         local.insert(0, VllmExecutor(assets.base_model, **opts))
     elif kind != "reference":
         raise ValueError(f"executor {kind!r} is not available: use vllm or reference")
-    system = System(settings, assets, pool, local, RemoteModelExecutor())
+    system = System(settings, assets, pool, local, RemoteModelExecutor(timeout=settings.remote_timeout_s))
     if with_router:
         from moerge.router.factory import build_context
         system.router_ctx = build_context(pool, system.complete if with_writer else None,

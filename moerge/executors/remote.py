@@ -1,18 +1,25 @@
 """Whole-model experts: served models through LiteLLM, local model folders through transformers.
 
-A failure (timeout, connection error, API error) raises `RemoteModelError`; the caller turns it
-into a base-model plan with the reason (moerge.plan.fallback_plan), so the answer says which
-model really answered.
+A failure before any text went out (a timeout, a refused or dropped connection, an API error)
+raises `RemoteModelError`; the caller turns it into a base-model plan with the reason
+(moerge.plan.fallback_plan), so the answer says which model really answered. A stream that breaks
+after text went out cannot fall back: it raises `RemoteStreamError` (502; 504 for a timeout), which
+the service sends in-band before `[DONE]`.
+
+`timeout` (the `remote_timeout_s` setting) bounds the whole answer on the async path the service
+uses (`agenerate`), and the wait for each chunk of a stream (`astream`, `stream`). The sync
+`generate` (CLI, evaluation) bounds each network wait, so a server that trickles bytes can take longer.
 """
 
 from __future__ import annotations
 
-import itertools
+import asyncio
 import logging
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 
+from moerge.experts.errors import ExpertError
 from moerge.models.chat import encode_chat
 from moerge.models.generation import Generation, SamplingParams, StreamDelta
 from moerge.plan import EngineCaps, ExecutionPlan, RemoteTarget
@@ -21,7 +28,29 @@ log = logging.getLogger("moerge.remote")
 
 
 class RemoteModelError(RuntimeError):
-    """A whole-model expert did not answer."""
+    """A whole-model expert did not answer, and nothing was sent yet: the base model answers instead."""
+
+
+class RemoteStreamError(ExpertError):
+    """A whole-model expert's stream broke after part of the answer went out."""
+    status = 502
+
+
+class RemoteStreamTimeoutError(RemoteStreamError):
+    """A whole-model expert's stream stalled past the timeout after part of the answer went out."""
+    status = 504
+
+
+def _litellm():
+    """litellm, imported without fetching its model price list from the network (4 s or more)."""
+    os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+    import litellm
+    return litellm
+
+
+def _timed_out(e: BaseException) -> bool:
+    return (isinstance(e, TimeoutError) or type(e).__name__ in ("Timeout", "APITimeoutError", "ReadTimeout")
+            or "timed out" in str(e).lower())
 
 
 class RemoteModelExecutor:
@@ -48,9 +77,33 @@ class RemoteModelExecutor:
             kw["stop"] = params.stop
         if params.seed is not None:
             kw["seed"] = params.seed
+        if params.ignore_eos:      # vLLM's extension, asked for by the client: pass it on
+            kw["extra_body"] = {"ignore_eos": True}
         key = os.environ.get(t.api_key_env) if t.api_key_env else None
         kw["api_key"] = key or "none"
         return kw
+
+    def _failed(self, t: RemoteTarget, e: BaseException) -> RemoteModelError:
+        if _timed_out(e):
+            return RemoteModelError(f"whole-model expert {t.name!r} did not answer within {self.timeout:g} s "
+                                    "(remote_timeout_s)")
+        return RemoteModelError(f"whole-model expert {t.name!r} failed ({type(e).__name__}: {str(e)[:200]})")
+
+    def _broken(self, t: RemoteTarget, e: BaseException) -> RemoteStreamError:
+        if _timed_out(e):
+            return RemoteStreamTimeoutError(
+                f"whole-model expert {t.name!r} sent nothing for {self.timeout:g} s (remote_timeout_s) in the "
+                "middle of its answer, which is cut short here: send the request again")
+        return RemoteStreamError(f"whole-model expert {t.name!r} stopped in the middle of its answer "
+                                 f"({type(e).__name__}: {str(e)[:200]}), which is cut short here: send the "
+                                 "request again, or use another model")
+
+    @staticmethod
+    def _generation(resp) -> Generation:
+        choice = resp.choices[0]
+        usage = getattr(resp, "usage", None)
+        return Generation(choice.message.content or "", getattr(usage, "prompt_tokens", 0) or 0,
+                          getattr(usage, "completion_tokens", 0) or 0, choice.finish_reason or "stop")
 
     def _local_model(self, t: RemoteTarget):
         with self._lock:
@@ -78,38 +131,95 @@ class RemoteModelExecutor:
         try:
             if t.path:
                 return self._generate_local(t, messages, params)
-            import litellm
-            resp = litellm.completion(**self._kwargs(t, messages, params))
-            choice = resp.choices[0]
-            usage = getattr(resp, "usage", None)
-            return Generation(choice.message.content or "", getattr(usage, "prompt_tokens", 0) or 0,
-                              getattr(usage, "completion_tokens", 0) or 0, choice.finish_reason or "stop")
+            return self._generation(_litellm().completion(**self._kwargs(t, messages, params)))
         except Exception as e:  # noqa: BLE001 - any remote failure is reported as one error type
-            raise RemoteModelError(f"whole-model expert {t.name!r} failed ({type(e).__name__}: {str(e)[:200]})") from e
+            raise self._failed(t, e) from e
+
+    async def agenerate(self, messages, params: SamplingParams, plan: ExecutionPlan) -> Generation:
+        """The whole answer within `timeout`; past it the request is cancelled (its connection closed)."""
+        t = plan.remote
+        if t.path:
+            return await asyncio.to_thread(self.generate, messages, params, plan)
+        litellm = await asyncio.to_thread(_litellm)      # the first import takes seconds: not on the event loop
+        try:
+            async with asyncio.timeout(self.timeout):
+                resp = await litellm.acompletion(**self._kwargs(t, messages, params))
+        except Exception as e:  # noqa: BLE001 - any remote failure is reported as one error type
+            raise self._failed(t, e) from e
+        return self._generation(resp)
 
     def stream(self, messages, params: SamplingParams, plan: ExecutionPlan) -> Iterator[StreamDelta]:
-        """Raises RemoteModelError before the first delta when the model cannot be reached."""
+        """Raises RemoteModelError while no text has been yielded, RemoteStreamError after."""
         t = plan.remote
         if t.path:
             gen = self.generate(messages, params, plan)
             yield StreamDelta(text=gen.text)
             yield StreamDelta("", gen.finish_reason, gen.prompt_tokens, gen.completion_tokens)
             return
-        import litellm
         try:
-            chunks = litellm.completion(**self._kwargs(t, messages, params), stream=True,
-                                        stream_options={"include_usage": True})
-            first = next(iter(chunks), None)
+            chunks = iter(_litellm().completion(**self._kwargs(t, messages, params), stream=True,
+                                             stream_options={"include_usage": True}))
         except Exception as e:  # noqa: BLE001
-            raise RemoteModelError(f"whole-model expert {t.name!r} failed ({type(e).__name__}: {str(e)[:200]})") from e
-        finish, n_prompt, n_out = "stop", 0, 0
-        for chunk in itertools.chain([first] if first is not None else [], chunks):
-            if getattr(chunk, "usage", None):
-                n_prompt = chunk.usage.prompt_tokens or 0
-                n_out = chunk.usage.completion_tokens or 0
-            if chunk.choices:
-                delta = chunk.choices[0].delta
-                if getattr(delta, "content", None):
-                    yield StreamDelta(text=delta.content)
-                finish = chunk.choices[0].finish_reason or finish
-        yield StreamDelta("", finish, n_prompt, n_out)
+            raise self._failed(t, e) from e
+        acc = _Chunks()
+        while True:
+            try:
+                chunk = next(chunks, None)
+            except Exception as e:  # noqa: BLE001
+                raise (self._broken(t, e) if acc.sent else self._failed(t, e)) from e
+            if chunk is None:
+                break
+            yield from acc.deltas(chunk)
+        yield acc.last()
+
+    async def astream(self, messages, params: SamplingParams, plan: ExecutionPlan) -> AsyncIterator[StreamDelta]:
+        """The first chunk, and each next one, within `timeout`. Raises RemoteModelError while no text has
+        been yielded, RemoteStreamError after. Closing this generator closes the remote stream."""
+        t = plan.remote
+        if t.path:
+            gen = await self.agenerate(messages, params, plan)
+            yield StreamDelta(text=gen.text)
+            yield StreamDelta("", gen.finish_reason, gen.prompt_tokens, gen.completion_tokens)
+            return
+        litellm = await asyncio.to_thread(_litellm)
+        chunks = None
+        acc = _Chunks()
+        try:
+            while True:
+                try:
+                    async with asyncio.timeout(self.timeout):
+                        if chunks is None:
+                            chunks = await litellm.acompletion(**self._kwargs(t, messages, params), stream=True,
+                                                               stream_options={"include_usage": True})
+                        chunk = await anext(chunks, None)
+                except Exception as e:  # noqa: BLE001
+                    raise (self._broken(t, e) if acc.sent else self._failed(t, e)) from e
+                if chunk is None:
+                    break
+                for delta in acc.deltas(chunk):
+                    yield delta
+            yield acc.last()
+        finally:
+            if chunks is not None:
+                await chunks.aclose()
+
+
+class _Chunks:
+    """OpenAI stream chunks as deltas, with the finish reason and usage seen so far."""
+
+    def __init__(self):
+        self.sent, self.finish, self.n_prompt, self.n_out = False, "stop", 0, 0
+
+    def deltas(self, chunk) -> Iterator[StreamDelta]:
+        if getattr(chunk, "usage", None):
+            self.n_prompt = chunk.usage.prompt_tokens or 0
+            self.n_out = chunk.usage.completion_tokens or 0
+        if chunk.choices:
+            delta = chunk.choices[0].delta
+            if getattr(delta, "content", None):
+                self.sent = True
+                yield StreamDelta(text=delta.content)
+            self.finish = chunk.choices[0].finish_reason or self.finish
+
+    def last(self) -> StreamDelta:
+        return StreamDelta("", self.finish, self.n_prompt, self.n_out)

@@ -4,7 +4,9 @@ Registering validates everything in memory first, then under the pool lock stage
 artifact (fsynced), renames it to its content address, and inserts the card in one DB
 transaction. The DB row is the commit point: a crash before it leaves only unreferenced
 blobs and staging files, which the next `ExpertPool(...)` sweeps away under the same lock,
-so the pool is exactly as it was.
+so the pool is exactly as it was. A registration that fails without a crash (a full disk,
+the registry locked by another process) removes what it staged and published before it
+raises, without reading the registry.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from safetensors.torch import save as st_save
 from sqlalchemy.exc import IntegrityError
 
 from moerge.experts.card import ExpertCard, check_name
-from moerge.experts.errors import ExpertError, NameTakenError, UnknownExpertError
+from moerge.experts.errors import ExpertError, NameTakenError, UnknownExpertError, storage_full
 from moerge.experts.lora import BaseModelSpec, LoraAdapter, load_lora
 from moerge.experts.model_ref import validate_model_expert
 from moerge.experts.registry import Registry
@@ -42,11 +44,11 @@ def tensors_to_bytes(tensors: dict[str, torch.Tensor]) -> bytes:
 class ExpertPool:
     def __init__(self, root: Path, registry_url: str, base_spec: BaseModelSpec | None = None,
                  *, embed: EmbedFn | None = None, max_rank: int = 256, max_upload_bytes: int | None = None,
-                 base_spec_loader: Callable[[], BaseModelSpec] | None = None):
+                 base_spec_loader: Callable[[], BaseModelSpec] | None = None, busy_timeout_s: float = 5.0):
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.store = ArtifactStore(self.root)
-        self.registry = Registry(registry_url)
+        self.registry = Registry(registry_url, busy_timeout_s=busy_timeout_s)
         self._base_spec = base_spec
         self._base_spec_loader = base_spec_loader
         self._embed = embed
@@ -93,9 +95,11 @@ class ExpertPool:
     def _commit(self, blobs: dict[str, bytes | Path], write_row: Callable) -> dict[str, str]:
         """Stage + publish blobs, then run write_row(conn, digests) in one transaction.
 
-        On any failure, blobs this call published and nothing references are swept.
-        """
+        On any failure, the staging files and the blobs this call published are removed: under the
+        pool lock no committed row can reference a blob that was absent before this call. A write
+        that found no room raises StorageFullError (507)."""
         with self.locked():
+            published: list[str] = []
             try:
                 staged = {}
                 for role, src in blobs.items():
@@ -103,14 +107,21 @@ class ExpertPool:
                                     else self.store.stage_bytes(src))
                 digests = {}
                 for role, (digest, tmp) in staged.items():
+                    if not self.store.has(digest):
+                        published.append(digest)
                     self.store.publish(digest, tmp)
                     digests[role] = digest
                 with self.registry.begin() as conn:
                     write_row(conn, digests)
                 return digests
-            except BaseException:
-                self.store.sweep(self.registry.referenced_digests())
-                raise
+            except BaseException as e:
+                self.store.clear_staging()
+                for digest in published:
+                    self.store.remove(digest)
+                full = storage_full(e, self.root) if isinstance(e, OSError) else None
+                if full is None:
+                    raise
+                raise full from e
 
     # -- reads ----------------------------------------------------------------------
     def list(self) -> list[ExpertCard]:
@@ -275,5 +286,5 @@ def open_pool(settings=None, **kwargs) -> ExpertPool:
         return base_spec_from_folder(str(folder), s.base_model_id)
 
     return ExpertPool(s.pool_path, s.registry_url, base_spec_loader=loader, max_rank=s.max_lora_rank,
-                      max_upload_bytes=s.max_upload_bytes, **kwargs)
+                      max_upload_bytes=s.max_upload_bytes, busy_timeout_s=s.registry_busy_timeout_s, **kwargs)
 

@@ -1,13 +1,22 @@
-"""The registry of expert cards: one table behind a SQLAlchemy URL (SQLite or PostgreSQL)."""
+"""The registry of expert cards: one table behind a SQLAlchemy URL (SQLite or PostgreSQL).
+
+SQLite waits at most `busy_timeout_s` for another connection's lock; past it, and on a full disk,
+every call raises a typed error (RegistryBusyError, 503; StorageFullError, 507) instead of
+sqlite3's OperationalError.
+"""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 
 from sqlalchemy import Column, Float, MetaData, String, Table, Text, create_engine, delete, insert, select, update
 from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import OperationalError
 
 from moerge.experts.card import ExpertCard
+from moerge.experts.errors import RegistryBusyError, StorageFullError
 
 metadata = MetaData()
 experts_table = Table(
@@ -21,42 +30,69 @@ experts_table = Table(
 
 
 class Registry:
-    def __init__(self, url: str):
+    def __init__(self, url: str, busy_timeout_s: float = 5.0):
         self.url = url
-        kwargs = {"connect_args": {"timeout": 30}} if url.startswith("sqlite") else {}
+        self.busy_timeout_s = busy_timeout_s
+        kwargs = {"connect_args": {"timeout": busy_timeout_s}} if url.startswith("sqlite") else {}
         self.engine: Engine = create_engine(url, future=True, **kwargs)
-        metadata.create_all(self.engine)
+        with self.typed_errors():
+            metadata.create_all(self.engine)
 
-    def begin(self):
+    @contextlib.contextmanager
+    def typed_errors(self) -> Iterator[None]:
+        """SQLite's "database is locked" and "database or disk is full" as the errors a client can act on."""
+        try:
+            yield
+        except OperationalError as e:
+            code = getattr(e.orig, "sqlite_errorname", "")
+            text = str(e.orig).lower()
+            if code == "SQLITE_BUSY" or "database is locked" in text:
+                raise RegistryBusyError(
+                    f"the expert registry is busy: another process has held its database lock for over "
+                    f"{self.busy_timeout_s:g} s (registry_busy_timeout_s); nothing was changed: send the "
+                    "request again shortly") from e
+            if code == "SQLITE_FULL" or "database or disk is full" in text:
+                raise StorageFullError(
+                    f"no space left on the device holding the expert registry ({self.engine.url.database}); "
+                    "nothing was registered: free some space there and send the request again") from e
+            raise
+
+    @contextlib.contextmanager
+    def begin(self) -> Iterator[Connection]:
         """A transaction: everything inside commits together or not at all."""
-        return self.engine.begin()
+        with self.typed_errors(), self.engine.begin() as conn:
+            yield conn
 
     def get(self, name: str, conn: Connection | None = None) -> ExpertCard | None:
         stmt = select(experts_table.c.body).where(experts_table.c.name == name)
-        if conn is None:
-            with self.engine.connect() as c:
-                row = c.execute(stmt).first()
-        else:
-            row = conn.execute(stmt).first()
+        with self.typed_errors():
+            if conn is None:
+                with self.engine.connect() as c:
+                    row = c.execute(stmt).first()
+            else:
+                row = conn.execute(stmt).first()
         return ExpertCard.from_row(row[0]) if row else None
 
     def list(self) -> list[ExpertCard]:
-        with self.engine.connect() as c:
+        with self.typed_errors(), self.engine.connect() as c:
             rows = c.execute(select(experts_table.c.body).order_by(experts_table.c.name)).all()
         return [ExpertCard.from_row(r[0]) for r in rows]
 
     def names(self) -> list[str]:
-        with self.engine.connect() as c:
+        with self.typed_errors(), self.engine.connect() as c:
             return [r[0] for r in c.execute(select(experts_table.c.name).order_by(experts_table.c.name))]
 
     def insert(self, conn: Connection, card: ExpertCard) -> None:
-        conn.execute(insert(experts_table).values(**card.to_row()))
+        with self.typed_errors():
+            conn.execute(insert(experts_table).values(**card.to_row()))
 
     def replace(self, conn: Connection, card: ExpertCard) -> None:
-        conn.execute(update(experts_table).where(experts_table.c.name == card.name).values(**card.to_row()))
+        with self.typed_errors():
+            conn.execute(update(experts_table).where(experts_table.c.name == card.name).values(**card.to_row()))
 
     def delete(self, conn: Connection, name: str) -> None:
-        conn.execute(delete(experts_table).where(experts_table.c.name == name))
+        with self.typed_errors():
+            conn.execute(delete(experts_table).where(experts_table.c.name == name))
 
     def referenced_digests(self) -> set[str]:
         return {d for card in self.list() for d in card.artifacts.values()}

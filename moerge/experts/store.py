@@ -91,13 +91,17 @@ class ArtifactStore:
         except OSError:
             pass
 
-    def sweep(self, referenced: set[str]) -> list[str]:
-        """Delete staging leftovers and blobs no card references. Call under the pool lock."""
+    def clear_staging(self) -> None:
+        """Delete every staging leftover. Call under the pool lock."""
         for p in self.staging.iterdir():
             if p.is_dir():
                 shutil.rmtree(p, ignore_errors=True)
             else:
                 p.unlink(missing_ok=True)
+
+    def sweep(self, referenced: set[str]) -> list[str]:
+        """Delete staging leftovers and blobs no card references. Call under the pool lock."""
+        self.clear_staging()
         removed = sorted(self.all_digests() - referenced)
         for d in removed:
             self.remove(d)

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from moerge.experts.errors import (
+    STORAGE_FULL_ERRNOS,
     PathOutsideStoreError,
     UnsafeArchiveError,
     UnsupportedMediaTypeError,
@@ -198,6 +199,8 @@ def extract_archive(folder: Path, data: bytes, filename: str, limits: ArchiveLim
             for m in tar:
                 written += _extract_member(tar, m, folder, limits, top_folders, written, check_name)
     except (tarfile.TarError, EOFError, OSError, UnicodeDecodeError) as e:
+        if isinstance(e, OSError) and e.errno in STORAGE_FULL_ERRNOS:
+            raise        # the disk is full, the archive may be fine: the caller says so (507)
         raise UnsafeArchiveError(f"the upload is not a readable {claimed} archive ({e}): "
                                  "create it again with tar") from None
     return written

@@ -14,7 +14,13 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 
-from moerge.experts.errors import ExpertError, UnknownExpertError, UnsupportedMediaTypeError, UploadTooLargeError
+from moerge.experts.errors import (
+    ExpertError,
+    UnknownExpertError,
+    UnsupportedMediaTypeError,
+    UploadTooLargeError,
+    full_disk_is_507,
+)
 from moerge.service.archive import ArchiveLimits, archive_kind
 from moerge.service.uploads import MAX_FILES, check_part, extract_tar, new_upload_dir, save_files
 
@@ -111,7 +117,8 @@ def build_router(runtime, keys) -> APIRouter:
         if not uploads:
             raise ExpertError("no files uploaded: send adapter_config.json and adapter_model.safetensors, "
                               "or one .tar.gz holding them")
-        folder = new_upload_dir(pool.store.staging.parent / "uploads")
+        with full_disk_is_507(pool.root):
+            folder = new_upload_dir(pool.store.staging.parent / "uploads")
         try:
             limit = runtime.settings.max_upload_bytes
             files = []
@@ -124,12 +131,13 @@ def build_router(runtime, keys) -> APIRouter:
                                               "MOERGE_MAX_UPLOAD_MB or upload a smaller adapter")
                 check_part(fname, up.content_type, data)
                 files.append((fname, data))
-            if any(archive_kind(fname) for fname, _ in files):
-                if len(files) != 1:
-                    raise ExpertError("send either one archive or the adapter's files, not both")
-                extract_tar(folder, files[0][1], limit, filename=files[0][0])
-            else:
-                save_files(folder, files, limit)
+            if any(archive_kind(fname) for fname, _ in files) and len(files) != 1:
+                raise ExpertError("send either one archive or the adapter's files, not both")
+            with full_disk_is_507(pool.root):     # the upload is written under the pool folder
+                if archive_kind(files[0][0]):
+                    extract_tar(folder, files[0][1], limit, filename=files[0][0])
+                else:
+                    save_files(folder, files, limit)
             card = await run_in_threadpool(
                 pool.register_lora, folder, name, str(form.get("description") or ""),
                 tags=_form_list(form, "tags"), examples=_form_list(form, "examples"))

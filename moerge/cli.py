@@ -176,6 +176,9 @@ def experts_build(
     out: Optional[Path] = typer.Option(None, "--out", help="library folder (default: the bundled one)"),
     background: bool = typer.Option(False, "--background", help="run detached, logging to a file"),
     log_file: Path = typer.Option(Path("runs/build-experts.log"), "--log"),
+    data: str = typer.Option("template-lists-v0", "--data", help="training data recipe: template-lists-v0 (the "
+                             "bundled library) | content-pools-v1 (paraphrase families over the training pools, "
+                             "docs/TASKS.md)"),
 ) -> None:
     """Train the expert library: one LoRA + PHATGOOSE gate per held-in task (resumable)."""
     from moerge.experts.bundled import LIBRARY
@@ -187,6 +190,7 @@ def experts_build(
             args += ["--tasks", t]
         if out:
             args += ["--out", str(out)]
+        args += ["--data", data]
         with open(log_file, "ab") as fh:
             proc = subprocess.Popen(args, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
         console.print(f"building in the background: pid {proc.pid}, log {log_file}")
@@ -194,7 +198,7 @@ def experts_build(
     from moerge.assets import ensure_base_model
     from moerge.experts.build import build_library
     base = ensure_base_model(get_settings())
-    build_library(base, out or LIBRARY, tasks, log=lambda m: print(m, flush=True))
+    build_library(base, out or LIBRARY, tasks, log=lambda m: print(m, flush=True), data=data)
 
 
 @experts_app.command("train-gate")

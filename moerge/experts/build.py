@@ -17,7 +17,7 @@ import torch
 from moerge.config import BASE_MODEL_ID
 from moerge.experts.gates import gates_to_bytes, train_gate
 from moerge.experts.lora import base_spec_from_folder, load_lora
-from moerge.experts.training import TrainConfig, accuracy, load_tokenizer, train_lora
+from moerge.experts.training import RECIPES, TrainConfig, accuracy, load_tokenizer, train_lora
 from moerge.tasks import HELD_IN, get_task
 
 EVAL_SEED = 20261124     # evaluation paraphrases: never used for training or early stopping
@@ -30,12 +30,16 @@ SHIFTS = ("template", "content")
 # templates and the training content pool, separate seed) reaches 97%. Tasks that need
 # computation, or that must learn a skill over an open vocabulary, get more steps.
 MAX_STEPS = {"arith_add": 300, "arith_mul": 300, "count_words": 300, "number_to_words": 250,
-             "sort_numbers": 250, "uppercase": 300, "reverse_words": 200}
+             "sort_numbers": 250}
+MAX_STEPS_POOLS = {**MAX_STEPS, "uppercase": 300, "reverse_words": 200}
 DEFAULT_STEPS = 150
 
 
-def default_config(task: str) -> TrainConfig:
-    return TrainConfig(task=task, steps=MAX_STEPS.get(task, DEFAULT_STEPS))
+def default_config(task: str, data: str = "template-lists-v0") -> TrainConfig:
+    if data not in RECIPES:
+        raise ValueError(f"unknown data recipe {data!r}; recipes are {', '.join(RECIPES)}")
+    steps = MAX_STEPS.get(task, DEFAULT_STEPS) if data == "template-lists-v0" else MAX_STEPS_POOLS.get(task, DEFAULT_STEPS)
+    return TrainConfig(task=task, steps=steps, data=data)
 
 
 def _max_tokens(tok, samples) -> int:
@@ -77,8 +81,8 @@ def _expert_accuracy(base_dir: Path, adapter_dir: Path, task: str) -> tuple[dict
     return accs, shown
 
 
-def build_expert(base_dir: Path, task: str, out: Path, log=print) -> dict:
-    cfg = default_config(task)
+def build_expert(base_dir: Path, task: str, out: Path, log=print, data: str = "template-lists-v0") -> dict:
+    cfg = default_config(task, data)
     manifest_path = out / "manifest.json"
     if manifest_path.exists() and (out / "gate.safetensors").exists():
         manifest = json.loads(manifest_path.read_text())
@@ -91,7 +95,7 @@ def build_expert(base_dir: Path, task: str, out: Path, log=print) -> dict:
     spec = base_spec_from_folder(str(base_dir), BASE_MODEL_ID)
     adapter = load_lora(out, spec)
     t = get_task(task)
-    gate_samples = t.samples(400, GATE_SEED, "train")
+    gate_samples = t.samples(400, GATE_SEED, "train", RECIPES[data])
     gate = train_gate(base_dir, adapter, [s.prompt for s in gate_samples], [s.answer for s in gate_samples],
                       seed=GATE_SEED)
     (out / "gate.safetensors").write_bytes(gates_to_bytes(gate["gates"]))
@@ -126,7 +130,8 @@ def write_index(library: Path) -> None:
                                                      indent=2) + "\n")
 
 
-def build_library(base_dir: Path, library: Path, tasks: list[str] | None = None, log=print) -> list[dict]:
+def build_library(base_dir: Path, library: Path, tasks: list[str] | None = None, log=print,
+                  data: str = "template-lists-v0") -> list[dict]:
     """Train every expert first, then measure the base model on the same samples and record it in
     each manifest next to the expert's accuracy."""
     tasks = tasks or list(HELD_IN)
@@ -136,11 +141,13 @@ def build_library(base_dir: Path, library: Path, tasks: list[str] | None = None,
     library.mkdir(parents=True, exist_ok=True)
     manifests = []
     for task in tasks:
-        manifests.append(build_expert(base_dir, task, library / task, log))
+        manifests.append(build_expert(base_dir, task, library / task, log, data))
         write_index(library)
-    base = _base_accuracy(base_dir, tasks, library / "base_accuracy.json", log)
-    for task, manifest in zip(tasks, manifests):
-        if manifest["accuracy"].get("base") != base[task]:
-            manifest["accuracy"]["base"] = base[task]
-            (library / task / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    fresh = [(t, m) for t, m in zip(tasks, manifests) if isinstance(m["accuracy"].get("expert"), dict)]
+    if fresh:       # experts built by this version record both shifts; measure the base model on the same samples
+        base = _base_accuracy(base_dir, [t for t, _ in fresh], library / "base_accuracy.json", log)
+        for task, manifest in fresh:
+            if manifest["accuracy"].get("base") != base[task]:
+                manifest["accuracy"]["base"] = base[task]
+                (library / task / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return manifests

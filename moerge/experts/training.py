@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from moerge.models.chat import encode_chat, encode_chat_answer, stop_token_ids
 from moerge.tasks import get_task
 
+RECIPES = {"template-lists-v0": "template", "content-pools-v1": "content"}   # recipe -> Task.samples shift
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -45,14 +46,17 @@ class TrainConfig:
     dev_size: int = 32
     checkpoint_every: int = 25
     max_new_tokens: int = 40
-    # what the training data is: "content-pools-v1" = the broad training pools of tasks/content.py
-    # under the generated paraphrase templates; a change of recipe must change the fingerprint
-    data: str = "content-pools-v1"
+    # the training data recipe (docs/TASKS.md): "template-lists-v0" = the hand-written training
+    # templates over the template lists (the committed library); "content-pools-v1" = the
+    # paraphrase family over the training pools of tasks/content.py
+    data: str = "template-lists-v0"
     threads: int = field(default_factory=lambda: torch.get_num_threads())
 
     def fingerprint(self) -> str:
         d = asdict(self)
         d.pop("threads")
+        if d["data"] == "template-lists-v0":      # the recipe before it had a name: same fingerprints
+            d.pop("data")
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -195,8 +199,9 @@ def train_lora(base_dir: Path, cfg: TrainConfig, out: Path, *, base_model_id: st
     params = [p for p in peft_model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
 
-    samples = task.samples(cfg.steps * cfg.batch_size, cfg.data_seed, "train")
-    dev = task.samples(cfg.dev_size, cfg.data_seed + 1_000_003, "train")
+    shift = RECIPES[cfg.data]
+    samples = task.samples(cfg.steps * cfg.batch_size, cfg.data_seed, "train", shift)
+    dev = task.samples(cfg.dev_size, cfg.data_seed + 1_000_003, "train", shift)
     encoded = [encode_example(tok, s.prompt, s.answer) for s in samples]
 
     out.mkdir(parents=True, exist_ok=True)
@@ -237,7 +242,7 @@ def train_lora(base_dir: Path, cfg: TrainConfig, out: Path, *, base_model_id: st
     manifest = {
         "task": cfg.task, "config": {**asdict(cfg), "targets": list(cfg.targets)},
         "fingerprint": cfg.fingerprint(), "steps_run": len(losses), "stopped_early": stopped_early,
-        "train_templates": task.train_templates, "loss_curve": losses, "dev_evals": evals,
+        "train_templates": task.templates("train", shift), "loss_curve": losses, "dev_evals": evals,
         "train_seconds_this_run": round(time.time() - t0, 1),
         "torch": torch.__version__, "adapter_bytes": (out / "adapter_model.safetensors").stat().st_size,
         "adapter_sha256": hashlib.sha256((out / "adapter_model.safetensors").read_bytes()).hexdigest(),

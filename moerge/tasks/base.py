@@ -52,10 +52,6 @@ class Task:
     paraphrases: list[str] = field(default_factory=list)  # generated into more training templates
 
     def __post_init__(self):
-        if self.paraphrases:
-            banned = {t.lower() for t in self.eval_templates} | {t.lower() for t in self.train_templates}
-            extra = [t for t in expand_paraphrases(self.paraphrases) if t.lower() not in banned]
-            self.train_templates = list(self.train_templates) + list(dict.fromkeys(extra))
         if self.held_in and len(self.train_templates) < 8:
             raise ValueError(f"{self.name}: needs at least 8 training templates")
         if len(self.eval_templates) < 4:
@@ -63,28 +59,35 @@ class Task:
         overlap = set(self.train_templates) & set(self.eval_templates)
         if overlap:
             raise ValueError(f"{self.name}: templates used in both splits: {overlap}")
+        banned = {t.lower() for t in self.eval_templates} | {t.lower() for t in self.train_templates}
+        extra = [t for t in expand_paraphrases(self.paraphrases) if t.lower() not in banned]
+        # the hand-written training templates plus the generated paraphrase family
+        self.family_templates = list(self.train_templates) + list(dict.fromkeys(extra))
 
-    def templates(self, split: str) -> list[str]:
-        return self.train_templates if split == "train" else self.eval_templates
+    def templates(self, split: str, shift: str = "template") -> list[str]:
+        if split == "eval":
+            return self.eval_templates
+        return self.family_templates if shift == "content" else self.train_templates
 
     def samples(self, n: int, seed: int, split: str = "eval", shift: str = "template") -> list[Sample]:
         """n samples, deterministic in (task, split, shift, seed); templates cycle evenly.
 
-        - train: training templates, content from the training pool (tasks/content.py);
-        - eval, shift "template": evaluation templates, content from the short lists of vocab.py;
-        - eval, shift "content": evaluation templates, content from the evaluation pool, which no
-          training sample draws from.
+        - train, shift "template": the hand-written training templates over the template lists
+          (vocab.py): the first library's recipe, kept so it can be rebuilt;
+        - train, shift "content": the paraphrase family over the training pool (tasks/content.py);
+        - eval, shift "template": evaluation templates over the template lists;
+        - eval, shift "content": evaluation templates over the evaluation pool, which no
+          training sample of the content recipe draws from.
         """
         if split not in ("train", "eval"):
             raise ValueError(f"unknown split {split!r}; splits are train, eval")
         if shift not in SHIFTS:
             raise ValueError(f"unknown shift {shift!r}; shifts are {', '.join(SHIFTS)}")
-        templates = self.templates(split)
-        if not templates or self.make_content is None and split == "train":
+        templates = self.templates(split, shift)
+        if not templates or (shift == "content" and self.make_content is None):
             raise ValueError(f"{self.name} has no {split} templates or pools (held-out tasks are never trained on)")
-        pool = "train" if split == "train" else ("eval" if shift == "content" else None)
-        key = f"{self.name}/{split}/{seed}" if split == "eval" and shift == "template" else \
-            f"{self.name}/{split}/{shift if split == 'eval' else 'pool'}/{seed}"
+        pool = None if shift == "template" else ("train" if split == "train" else "eval")
+        key = f"{self.name}/{split}/{seed}" if shift == "template" else f"{self.name}/{split}/{shift}/{seed}"
         rng = random.Random(key)
         out = []
         for i in range(n):
@@ -93,8 +96,7 @@ class Task:
             else:
                 fields, answer, content = self.make_content(rng, pool)
             t = (i + rng.randrange(len(templates))) % len(templates) if split == "train" else i % len(templates)
-            out.append(Sample(self.name, templates[t].format(**fields), answer, t, split,
-                              shift if split == "eval" else "template", tuple(content)))
+            out.append(Sample(self.name, templates[t].format(**fields), answer, t, split, shift, tuple(content)))
         return out
 
     def score(self, prediction: str, answer: str) -> bool:

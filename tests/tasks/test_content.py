@@ -26,7 +26,7 @@ def test_training_content_never_appears_in_the_evaluation_pool(task):
         assert C.pool_of(kind, item) == "eval", key
     if not task.held_in:
         return
-    train = task.samples(2000, 0, "train")
+    train = task.samples(2000, 0, "train", "content")
     train_keys = _keys(train)
     assert train_keys and all(s.content for s in train)
     for key in train_keys:
@@ -59,16 +59,17 @@ def test_pools_are_broad_and_both_non_empty():
 
 
 @pytest.mark.parametrize("task", TASKS, ids=lambda t: t.name)
-@pytest.mark.parametrize("split,shift", [("train", "template"), ("eval", "template"), ("eval", "content")])
+@pytest.mark.parametrize("split,shift", [("train", "template"), ("train", "content"), ("eval", "template"),
+                                         ("eval", "content")])
 def test_generators_are_deterministic_per_task_split_shift_seed(task, split, shift):
     if split == "train" and not task.held_in:
         with pytest.raises(ValueError, match="held-out"):
-            task.samples(3, 1, split)
+            task.samples(3, 1, split, shift)
         return
     a = task.samples(12, 1, split, shift)
     assert a == task.samples(12, 1, split, shift)
     assert a != task.samples(12, 2, split, shift)
-    assert all(s.shift == (shift if split == "eval" else "template") for s in a)
+    assert all(s.shift == shift for s in a)
 
 
 def test_the_two_shifts_draw_different_content():
@@ -101,8 +102,15 @@ def test_paraphrase_families_never_contain_an_evaluation_template():
     for t in TASKS:
         if not t.held_in:
             continue
-        assert len(t.train_templates) >= 60
-        assert not {x.lower() for x in t.train_templates} & {x.lower() for x in t.eval_templates}
+        assert len(t.templates("train", "content")) >= 60 and t.templates("train") == t.train_templates
+        assert not {x.lower() for x in t.templates("train", "content")} & {x.lower() for x in t.eval_templates}
     fam = expand_paraphrases(["convert {s} to upper case", "{s}\n\nUppercase the text above."])
     assert "Please convert {s} to upper case" in fam and "Convert {s} to upper case" in fam
     assert fam.count("{s}\n\nUppercase the text above.") == 1        # data-first phrases get no prefix
+
+
+def test_the_first_recipe_is_unchanged():
+    """Training samples of the template-lists recipe are those the committed library trained on."""
+    s = get_task("uppercase").samples(2, 0, "train")
+    assert s[0].shift == "template" and not s[0].content
+    assert len(get_task("uppercase").templates("train")) == 8

@@ -39,13 +39,15 @@ def test_suite_shape():
 
 @pytest.mark.parametrize("task", TASKS, ids=lambda t: t.name)
 def test_every_template_renders_and_scores(task):
-    for split, shift in ([("train", "template")] if task.held_in else []) + [("eval", "template"), ("eval", "content")]:
-        samples = task.samples(10 * len(task.templates(split)), seed=3, split=split, shift=shift)
+    for split, shift in ([("train", "template"), ("train", "content")] if task.held_in else []) + \
+            [("eval", "template"), ("eval", "content")]:
+        samples = task.samples(10 * len(task.templates(split, shift)), seed=3, split=split, shift=shift)
         used = {s.template for s in samples}
+        n_templates = len(task.templates(split, shift))
         if split == "eval":       # evaluation templates cycle; training templates are drawn at random
-            assert used == set(range(len(task.templates(split))))
+            assert used == set(range(n_templates))
         else:
-            assert used <= set(range(len(task.templates(split)))) and len(used) >= 0.95 * len(task.templates(split))
+            assert used <= set(range(n_templates)) and len(used) >= 0.95 * n_templates
         for s in samples:
             assert not re.search(r"\{[a-z_ -]+\}", s.prompt), s.prompt   # every field was filled in
             assert task.score(s.answer, s.answer)

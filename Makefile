@@ -50,7 +50,10 @@ bench: assets
 reliability: assets
 	bash scripts/pytest.sh tests/service/test_backpressure.py tests/service/test_security.py \
 		tests/service/test_uploads.py tests/service/test_fuzz.py tests/executors/test_vllm_faults.py \
-		tests/service/test_load.py tests/executors/test_batch_independence.py
+		tests/service/test_load.py tests/executors/test_batch_independence.py \
+		tests/service/test_remote_model.py tests/experts/test_pool_faults.py \
+		tests/service/test_pool_faults_http.py tests/experts/test_crash_atomicity.py \
+		tests/service/test_reroute_race.py
 	$(PY) -m bench.service_vs_engine --concurrency 48 96 --rounds 2
 	$(PIP) install -c constraints.txt -e '.[load]'
 	$(PY) -m bench.load --users 32 --duration 120

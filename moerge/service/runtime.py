@@ -49,6 +49,7 @@ class Runtime:
         self.pool = system.pool
         self.router_ctx = system.router_ctx
         self._routers: dict[str, object] = {}
+        self.rerouted = 0          # routed again because the decision named a just-removed expert
 
     @property
     def executor(self):
@@ -91,8 +92,20 @@ class Runtime:
         return d
 
     def plan(self, model: str, messages: list[dict]) -> RequestPlan:
-        d = self.decide(model, messages)
-        return RequestPlan(d, self.system.plan(d))
+        """The routing decision and its execution plan. A routed request whose decision named an
+        expert that was removed before the plan was made (a registration race) is routed again,
+        up to twice; the client did not ask for that expert, so it must not see its 404. A pinned
+        request for a removed expert keeps the 404."""
+        routed = model == "auto" or model.startswith("moerge:")
+        for attempt in range(3):
+            d = self.decide(model, messages)
+            try:
+                return RequestPlan(d, self.system.plan(d))
+            except UnknownExpertError:
+                if not routed or attempt == 2:
+                    raise
+                self.rerouted += 1
+        raise AssertionError("unreachable")
 
     def generate(self, messages: list[dict], params: SamplingParams, rp: RequestPlan) -> Generation:
         gen, rp.execution = self.system.generate(messages, params, rp.execution)

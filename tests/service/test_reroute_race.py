@@ -1,0 +1,58 @@
+"""A routed request whose decision names an expert removed before its plan is made is routed
+again, not answered with a 404 about an expert the client never asked for (found by the locust
+load run: `moerge:arrow` got "no expert named 'churn'" while `churn` was registered and removed
+in a loop). A pinned request for a removed expert keeps its 404."""
+
+from __future__ import annotations
+
+import pytest
+
+from moerge.experts.bundled import LIBRARY
+from moerge.experts.errors import UnknownExpertError
+
+
+@pytest.fixture(scope="module")
+def runtime(real_settings, tmp_path_factory):
+    from moerge.service.runtime import Runtime
+    from moerge.startup import start
+    system = start(real_settings, executor="reference", pool_dir=tmp_path_factory.mktemp("pool"), bundled=True,
+                   with_writer=False, progress=lambda m: None)
+    yield Runtime(system)
+    system.shutdown()
+
+
+def _remove_after_routing(runtime, monkeypatch, name):
+    """The race, made deterministic: `name` is removed right after the first routing decision."""
+    real = runtime.decide
+    calls = []
+
+    def decide(model, messages):
+        d = real(model, messages)
+        calls.append([s.name for s in d.experts])
+        if len(calls) == 1:
+            runtime.pool.remove(name)
+        return d
+    monkeypatch.setattr(runtime, "decide", decide)
+    return calls
+
+
+@pytest.mark.real
+def test_a_routed_request_is_routed_again_when_an_expert_vanishes(runtime, monkeypatch):
+    runtime.pool.register_lora(LIBRARY / "capital_of", "churn", "Names the capital city of a country.")
+    calls = _remove_after_routing(runtime, monkeypatch, "churn")
+    before = runtime.rerouted
+    rp = runtime.plan("moerge:arrow", [{"role": "user", "content": "What is the capital of Peru?"}])
+    assert "churn" in calls[0]                      # the first decision named it
+    assert runtime.rerouted == before + 1 and len(calls) == 2
+    assert "churn" not in [r.name for r in rp.execution.experts]
+    assert rp.execution.kind == "token_mixture"
+
+
+@pytest.mark.real
+def test_a_pinned_request_for_a_removed_expert_keeps_its_404(runtime, monkeypatch):
+    runtime.pool.register_lora(LIBRARY / "capital_of", "churn2", "Names the capital city of a country.")
+    _remove_after_routing(runtime, monkeypatch, "churn2")
+    before = runtime.rerouted
+    with pytest.raises(UnknownExpertError, match="churn2"):
+        runtime.plan("churn2", [{"role": "user", "content": "What is the capital of Peru?"}])
+    assert runtime.rerouted == before

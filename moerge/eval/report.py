@@ -157,9 +157,10 @@ def plot_shifts(report: dict, path: Path):
             k += 1
     ax.set_xticks(x, tasks, rotation=45, ha="right", fontsize=8)
     ax.set_ylabel("accuracy (%)")
-    ax.set_ylim(0, 105)
+    ax.set_ylim(0, 128)                  # room above the bars for the legend
+    ax.set_yticks(range(0, 101, 20))
     ax.set_title("Template shift vs content shift, per task")
-    ax.legend(fontsize=7, ncol=3)
+    ax.legend(fontsize=7, ncol=3, loc="upper center")
     ax.grid(alpha=0.3, axis="y")
     fig.tight_layout()
     fig.savefig(path, dpi=120)

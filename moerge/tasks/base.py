@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import random
 import re
@@ -59,10 +60,14 @@ class Task:
         overlap = set(self.train_templates) & set(self.eval_templates)
         if overlap:
             raise ValueError(f"{self.name}: templates used in both splits: {overlap}")
+
+    @functools.cached_property
+    def family_templates(self) -> list[str]:
+        """The hand-written training templates plus the generated paraphrase family (an evaluation
+        template is never among them, case-insensitively)."""
         banned = {t.lower() for t in self.eval_templates} | {t.lower() for t in self.train_templates}
         extra = [t for t in expand_paraphrases(self.paraphrases) if t.lower() not in banned]
-        # the hand-written training templates plus the generated paraphrase family
-        self.family_templates = list(self.train_templates) + list(dict.fromkeys(extra))
+        return list(self.train_templates) + list(dict.fromkeys(extra))
 
     def templates(self, split: str, shift: str = "template") -> list[str]:
         if split == "eval":

@@ -526,7 +526,6 @@ PARAPHRASES = {
 for _t in TASKS:
     _t.make_content = CONTENT_MAKERS[_t.name]
     _t.paraphrases = PARAPHRASES.get(_t.name, [])
-    _t.__post_init__()
 
 BY_NAME = {t.name: t for t in TASKS}
 HELD_IN = [t.name for t in TASKS if t.held_in]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import random
 
+from moerge.tasks.content import COUNTRY_CAPITALS as _CAPITALS
+
 SUBJECTS = ["the cat", "my friend", "the teacher", "a small dog", "our neighbor", "the old man", "my sister",
             "the children", "a young girl", "the farmer", "his brother", "the doctor", "every student",
             "the baker", "her mother", "the pilot", "a tall woman", "the king", "my uncle", "the team"]
@@ -41,25 +43,18 @@ def random_words(rng: random.Random, lo: int, hi: int) -> str:
     return " ".join(rng.choice(COMMON_WORDS) for _ in range(rng.randint(lo, hi)))
 
 
-COUNTRY_CAPITALS = {
-    "France": "Paris", "Germany": "Berlin", "Italy": "Rome", "Spain": "Madrid", "Portugal": "Lisbon",
-    "Japan": "Tokyo", "China": "Beijing", "India": "New Delhi", "Russia": "Moscow", "Canada": "Ottawa",
-    "Mexico": "Mexico City", "Brazil": "Brasilia", "Argentina": "Buenos Aires", "Chile": "Santiago",
-    "Peru": "Lima", "Colombia": "Bogota", "Egypt": "Cairo", "Kenya": "Nairobi", "Nigeria": "Abuja",
-    "Ghana": "Accra", "Ethiopia": "Addis Ababa", "Morocco": "Rabat", "South Korea": "Seoul",
-    "Thailand": "Bangkok", "Vietnam": "Hanoi", "Indonesia": "Jakarta", "Philippines": "Manila",
-    "Australia": "Canberra", "New Zealand": "Wellington", "Ireland": "Dublin", "United Kingdom": "London",
-    "Norway": "Oslo", "Sweden": "Stockholm", "Finland": "Helsinki", "Denmark": "Copenhagen",
-    "Poland": "Warsaw", "Austria": "Vienna", "Switzerland": "Bern", "Belgium": "Brussels",
-    "Netherlands": "Amsterdam", "Greece": "Athens", "Turkey": "Ankara", "Iran": "Tehran", "Iraq": "Baghdad",
-    "Saudi Arabia": "Riyadh", "Israel": "Jerusalem", "Pakistan": "Islamabad", "Bangladesh": "Dhaka",
-    "Nepal": "Kathmandu", "Afghanistan": "Kabul", "Cuba": "Havana", "Jamaica": "Kingston",
-    "Venezuela": "Caracas", "Ukraine": "Kyiv", "Hungary": "Budapest", "Czech Republic": "Prague",
-    "Romania": "Bucharest", "Bulgaria": "Sofia", "Serbia": "Belgrade", "Croatia": "Zagreb",
-    "Iceland": "Reykjavik", "Malaysia": "Kuala Lumpur", "Singapore": "Singapore", "Uganda": "Kampala",
-    "Tanzania": "Dodoma", "Zimbabwe": "Harare", "Senegal": "Dakar", "Tunisia": "Tunis", "Algeria": "Algiers",
-    "Lebanon": "Beirut", "Jordan": "Amman", "Syria": "Damascus", "Qatar": "Doha", "Mongolia": "Ulaanbaatar",
-}
+# the template shift's 74 countries; their capitals come from the broad table of content.py
+TEMPLATE_COUNTRIES = (
+    "France", "Germany", "Italy", "Spain", "Portugal", "Japan", "China", "India", "Russia", "Canada", "Mexico",
+    "Brazil", "Argentina", "Chile", "Peru", "Colombia", "Egypt", "Kenya", "Nigeria", "Ghana", "Ethiopia",
+    "Morocco", "South Korea", "Thailand", "Vietnam", "Indonesia", "Philippines", "Australia", "New Zealand",
+    "Ireland", "United Kingdom", "Norway", "Sweden", "Finland", "Denmark", "Poland", "Austria", "Switzerland",
+    "Belgium", "Netherlands", "Greece", "Turkey", "Iran", "Iraq", "Saudi Arabia", "Israel", "Pakistan",
+    "Bangladesh", "Nepal", "Afghanistan", "Cuba", "Jamaica", "Venezuela", "Ukraine", "Hungary",
+    "Czech Republic", "Romania", "Bulgaria", "Serbia", "Croatia", "Iceland", "Malaysia", "Singapore", "Uganda",
+    "Tanzania", "Zimbabwe", "Senegal", "Tunisia", "Algeria", "Lebanon", "Jordan", "Syria", "Qatar", "Mongolia",
+)
+COUNTRY_CAPITALS = {c: _CAPITALS[c] for c in TEMPLATE_COUNTRIES}
 
 FIRST_NAMES = ["Alice", "Bob", "Carlos", "Diana", "Emma", "Farid", "Grace", "Hiro", "Ines", "Jamal", "Kate",
                "Liam", "Maria", "Noah", "Olga", "Priya", "Quinn", "Rosa", "Sam", "Tara", "Umar", "Vera",

@@ -15,7 +15,7 @@ Recorded: requests/s over the run, p50/p99 per request kind, errors (any status 
 body without an answer, a chat answer on an engine other than vLLM), and the resident memory (RSS)
 of the service process and of the vLLM engine processes (its descendants), sampled every second:
 start (after warm-up), end, max, growth. JSON in runs/bench/load.json, a plot in
-runs/bench/load.png (with --docs-copy, both also in docs/results/). The child's process group (EngineCore included) is ended at the end.
+runs/bench/load.png (with --docs-copy, both also in docs/results/load/, apart from the evaluation report). The child's process group (EngineCore included) is ended at the end.
 Exit status 1 when any request failed.
 """
 
@@ -163,6 +163,71 @@ def _rss_mib(pid: int) -> tuple[float, float]:
         return float("nan"), float("nan")
 
 
+def _smaps(pid: int) -> dict[tuple[str, str], tuple[float, float]]:
+    """{(address range, path): (mapping size, resident), in MiB} from /proc/PID/smaps."""
+    out, key, size = {}, None, 0.0
+    try:
+        with open(f"/proc/{pid}/smaps") as f:
+            for line in f:
+                head = line.split()
+                if not head:
+                    continue
+                if "-" in head[0] and not head[0].endswith(":"):        # a mapping's header line
+                    key = (head[0], head[5] if len(head) > 5 else "")
+                elif head[0] == "Size:":
+                    size = int(head[1]) / 1024
+                elif head[0] == "Rss:" and key is not None:
+                    out[key] = (size, int(head[1]) / 1024)
+    except OSError:
+        pass
+    return out
+
+
+def _maps_by_process(pid: int) -> dict[str, dict]:
+    """smaps of the service process and of each of its descendants, by 'service' / 'engine:<name>'."""
+    procs = {"service": pid}
+    try:
+        for c in psutil.Process(pid).children(recursive=True):
+            try:
+                procs[f"engine:{c.name()}:{c.pid}"] = c.pid
+            except psutil.Error:
+                pass
+    except psutil.Error:
+        pass
+    return {who: _smaps(p) for who, p in procs.items()}
+
+
+def _map_kind(path: str, size_mib: float) -> str:
+    if path == "[heap]":
+        return "brk heap"
+    if path.startswith("/") or path.startswith("[") and path != "":
+        return "file" if path.startswith("/") else path
+    # glibc's per-thread arenas reserve 64 MiB regions; bigger anonymous maps are single large allocations
+    return "anon <=64M" if size_mib <= 64.5 else "anon large"
+
+
+def _maps_growth(before: dict[str, dict], after: dict[str, dict]) -> dict:
+    """Where each process's resident memory grew between the two snapshots: by mapping kind, and the top
+    mappings. A mapping that is new counts in full, one that is gone counts negative."""
+    result = {}
+    for who in after:
+        a, b = before.get(who, {}), after[who]
+        rows = []
+        for key in set(a) | set(b):
+            size, rss1 = b.get(key, (a.get(key, (0.0, 0.0))[0], 0.0))
+            rss0 = a.get(key, (0.0, 0.0))[1]
+            if rss1 != rss0:
+                rows.append({"growth_mib": round(rss1 - rss0, 1), "size_mib": round(size, 1),
+                             "kind": _map_kind(key[1], size), "path": key[1] or "(anonymous)"})
+        by_kind: dict[str, float] = {}
+        for r in rows:
+            by_kind[r["kind"]] = round(by_kind.get(r["kind"], 0.0) + r["growth_mib"], 1)
+        rows.sort(key=lambda r: -abs(r["growth_mib"]))
+        result[who] = {"by_kind": by_kind, "top": rows[:15],
+                       "new_anon_mappings": sum(1 for k in set(b) - set(a) if not k[1])}
+    return result
+
+
 def _percentile(xs: list[float], q: float) -> float:
     xs = sorted(xs)
     if not xs:
@@ -235,9 +300,11 @@ def main(argv: list[str]) -> dict:
     ap.add_argument("--duration", type=float, default=120.0, help="seconds of load after the users spawned")
     ap.add_argument("--spawn-rate", type=float, default=8.0, help="users started per second")
     ap.add_argument("--tokens", type=int, default=12, help="new tokens per chat request")
+    ap.add_argument("--churners", type=int, default=1, choices=(0, 1),
+                    help="1: one user registers and removes an expert without pause; 0: none (chat load only)")
     ap.add_argument("--port", type=int, default=8766)
     ap.add_argument("--out", type=Path, default=Path("runs/bench/load.json"))
-    ap.add_argument("--docs-copy", action="store_true", help="also copy the JSON and the plot to docs/results/")
+    ap.add_argument("--docs-copy", action="store_true", help="also copy the JSON and the plot to docs/results/load/")
     args = ap.parse_args(argv)
     url = f"http://127.0.0.1:{args.port}"
     pool_dir = Path(tempfile.mkdtemp(prefix="moerge-load-"))      # the service's pool, removed at the end
@@ -267,7 +334,7 @@ def main(argv: list[str]) -> dict:
 
         ChatUser, ChurnUser, rec = make_users(args.tokens)
         ChatUser.host = ChurnUser.host = url
-        env = Environment(user_classes=[ChatUser, ChurnUser], events=events)
+        env = Environment(user_classes=[ChatUser, ChurnUser] if args.churners else [ChatUser], events=events)
         env.events.request.add_listener(rec.on_request)
         runner = env.create_local_runner()
         samples: list[tuple[float, float, float]] = []
@@ -280,14 +347,16 @@ def main(argv: list[str]) -> dict:
 
         sampler = gevent.spawn(sample)
         t0 = time.monotonic()
-        runner.start(args.users + 1, spawn_rate=args.spawn_rate)
-        spawn_s = (args.users + 1) / args.spawn_rate
+        maps0 = _maps_by_process(child.pid)
+        runner.start(args.users + args.churners, spawn_rate=args.spawn_rate)
+        spawn_s = (args.users + args.churners) / args.spawn_rate
         gevent.spawn_later(spawn_s + args.duration, runner.quit)
         runner.greenlet.join()
         t_end = time.monotonic()
         stop = True
         sampler.join(5)
         samples.append((time.monotonic(), *_rss_mib(child.pid)))
+        maps1 = _maps_by_process(child.pid)
     finally:
         _end_group(child)
         shutil.rmtree(pool_dir, ignore_errors=True)
@@ -305,7 +374,7 @@ def main(argv: list[str]) -> dict:
     chat = [r for r in rec.rows if r[1] in CHAT_KINDS]
     chat_steady = [r for r in chat if r[0] >= steady0]
     result = {
-        "users": args.users, "churners": 1, "duration_s": args.duration, "spawn_rate": args.spawn_rate,
+        "users": args.users, "churners": args.churners, "duration_s": args.duration, "spawn_rate": args.spawn_rate,
         "tokens": args.tokens, "cpu_count": os.cpu_count(), "run_s": round(t_end - t0, 1),
         "chat_requests_per_s": round(len(chat_steady) / max(1e-9, t_end - steady0), 2),
         "chat_p50_ms": round(_percentile([r[2] for r in chat if r[3]], 0.50), 1),
@@ -314,12 +383,13 @@ def main(argv: list[str]) -> dict:
         "churn_cycles": sum(1 for r in rec.rows if r[1] == "remove" and r[3]),
         "engines": rec.engines, "kinds": kinds,
         "memory": {"samples": len(samples), "service": _memory(samples, 1), "engine": _memory(samples, 2)},
+        "memory_by_mapping": _maps_growth(maps0, maps1),
         "memory_trace": [[round(s[0] - t0, 1), round(s[1], 1), round(s[2], 1)] for s in samples],
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
     _plot(result, samples, rec, t0, args.out.with_suffix(".png"))
-    print(f"{args.users} users + 1 churner, {result['run_s']} s: chat {result['chat_requests_per_s']} req/s, "
+    print(f"{args.users} users + {args.churners} churner(s), {result['run_s']} s: chat {result['chat_requests_per_s']} req/s, "
           f"p50 {result['chat_p50_ms']} ms, p99 {result['chat_p99_ms']} ms, errors {result['errors']}, "
           f"{result['churn_cycles']} register/remove cycles")
     for kind, k in kinds.items():
@@ -329,11 +399,16 @@ def main(argv: list[str]) -> dict:
     for part in ("service", "engine"):
         print(f"  RSS {part:8} start {m[part]['start_mib']} MiB, end {m[part]['end_mib']} MiB, "
               f"max {m[part]['max_mib']} MiB, growth {m[part]['growth_mib']} MiB")
+    for who, g in result["memory_by_mapping"].items():
+        print(f"  RSS growth of {who} by mapping kind (MiB): " + ", ".join(f"{k} {v:+.1f}" for k, v in g["by_kind"].items()))
+        for row in g["top"][:5]:
+            print(f"    {row['growth_mib']:+8.1f} MiB  {row['kind']:10} {row['size_mib']:8.1f} MiB mapping  {row['path']}")
     for e in rec.errors[:5]:
         print("  error:", e)
     print(f"JSON in {args.out}, plot in {args.out.with_suffix('.png')}")
     if args.docs_copy:
-        docs = Path(__file__).resolve().parent.parent / "docs" / "results"
+        docs = Path(__file__).resolve().parent.parent / "docs" / "results" / "load"
+        docs.mkdir(parents=True, exist_ok=True)
         for f in (args.out, args.out.with_suffix(".png")):
             shutil.copy(f, docs / f.name)
         print(f"copied to {docs}")

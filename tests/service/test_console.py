@@ -181,7 +181,9 @@ def test_console_registers_chats_explains_and_removes_an_expert(server, browser,
     held_in = json.loads((ROOT / "docs" / "results" / "report.json").read_text())["methods"]["glider"]["held_in"]
     shown = f"{100 * held_in:.1f}"                 # the committed report's figure, as the page rounds it
     expect(glider.nth(1)).to_have_text(shown)
-    expect(page.locator("#report-plots img")).to_have_count(3)
+    plots = sorted(f.name for f in (ROOT / "docs" / "results").glob("*.png"))   # the report folder's own plots
+    assert len(plots) >= 3, plots
+    expect(page.locator("#report-plots img")).to_have_count(len(plots))
     page.wait_for_function("[...document.querySelectorAll('#report-plots img')].every(i => i.complete && i.naturalWidth > 0)")
     page.select_option("#compare-a", reports_root_id(page, "baseline"))
     page.select_option("#compare-b", reports_root_id(page, "tweaked"))
@@ -239,7 +241,10 @@ def test_operator_with_a_user_key_sees_the_pool_but_cannot_change_it(server, bro
     expect(page.locator("#admin-refusal")).to_contain_text(refusal.json()["error"]["message"])
     expect(page.locator("#upload-submit")).to_be_disabled()
     expect(page.locator("#upload-files")).to_be_disabled()
-    expect(page.locator("#pool-table button.remove")).to_be_disabled()
+    removes = page.locator("#pool-table button.remove")
+    assert removes.count() >= 1
+    for i in range(removes.count()):                # every row's, whatever an earlier test left in the pool
+        expect(removes.nth(i)).to_be_disabled()
     tab.shot("pool-read-only")
     assert tab.errors == [], tab.errors
 

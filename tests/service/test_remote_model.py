@@ -136,6 +136,12 @@ class SlowProxy:
         self.bytes_down = 0
         self._tasks: set[asyncio.Task] = set()
 
+    def wait_for_hang_ups(self, n: int, within_s: float) -> None:
+        """Poll until `n` clients have hung up, or `within_s` passed (the caller's assertion then fails)."""
+        deadline = time.monotonic() + within_s
+        while len(self.hung_up) < n and time.monotonic() < deadline:
+            time.sleep(0.05)
+
     def __enter__(self) -> str:
         started = threading.Event()
         self.loop = asyncio.new_event_loop()
@@ -167,11 +173,14 @@ class SlowProxy:
         up = await asyncio.open_connection(*self.upstream) if self.upstream else None
         down = asyncio.ensure_future(self._down(up[0], writer)) if up else None
         try:
-            while data := await reader.read(65536):       # the client's bytes, at once
-                if up:
-                    up[1].write(data)
-                    await up[1].drain()
-            self.hung_up.append(time.monotonic())          # EOF: the client closed its connection
+            try:
+                while data := await reader.read(65536):   # the client's bytes, at once
+                    if up:
+                        up[1].write(data)
+                        await up[1].drain()
+            except ConnectionError:
+                pass                                       # a reset is a hang-up too
+            self.hung_up.append(time.monotonic())          # EOF or reset: the client closed its connection
         finally:
             if down:
                 down.cancel()
@@ -254,6 +263,7 @@ def test_a_silent_or_trickling_remote_times_out_within_the_remote_timeout_and_th
             for stream in (False, True):
                 n = len(proxy.accepted)
                 text, info, events, elapsed = _chat(url, name, stream)
+                proxy.wait_for_hang_ups(n + 1, within_s=10)
                 assert not any("error" in e for e in events[:-1]), events
                 assert text and info["plan"] == "base", info
                 assert info["fallback"] == (f"whole-model expert {name!r} did not answer within 3 s "
@@ -277,12 +287,15 @@ def test_a_remote_stream_that_stalls_after_its_first_text_ends_with_a_504_error_
     with stall as stall_url:
         _register_model(url, "stalling-expert", stall_url, "A server whose stream stops half-way.")
         text, info, events, elapsed = _chat(url, "stalling-expert", True, max_tokens=200, ignore_eos=True)
+        # moerge closes the remote connection as it ends the stream; the proxy sees it a moment later
+        stall.wait_for_hang_ups(1, within_s=10)
     assert events[0]["moerge"]["plan"] == "remote", events[0]
     errors = [e["error"] for e in events[:-1] if "error" in e]
     assert text and len(errors) == 1, events          # some of the remote's text, then the error, then [DONE]
     assert errors[0]["code"] == "504" and errors[0]["message"] == (
         "whole-model expert 'stalling-expert' sent nothing for 3 s (remote_timeout_s) in the middle of its "
         "answer, which is cut short here: send the request again"), errors
+    assert len(stall.accepted) == 1 and len(stall.hung_up) == 1, (stall.accepted, stall.hung_up)
     waited = stall.hung_up[-1] - stall.accepted[-1]
     print(f"stalled stream: {len(text)} characters, then the error; hung up after {waited:.2f} s, {elapsed:.2f} s")
     assert short_remote_timeout <= waited <= short_remote_timeout + 10 and elapsed < waited + 5, (waited, elapsed)

@@ -58,6 +58,9 @@ class Settings(BaseSettings):
                                            "another process's SQLite lock; past it, 503 with Retry-After and "
                                            "nothing changed")
     bundled_pool: bool = Field(default=True, description="load the bundled expert library on first start")
+    malloc_arena_max: int = Field(default=2, ge=0, description="glibc malloc arenas in the service process "
+                                  "(0: glibc's default of 8 per core). Upload threads otherwise each grow an "
+                                  "arena that fragments under expert churn (docs/reliability.md)")
 
     host: str = "127.0.0.1"
     port: int = 8000

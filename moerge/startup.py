@@ -30,6 +30,18 @@ class System:
     remote: object = None
     router_ctx: object = None
 
+    def on_pool_change(self, event: str, name: str) -> None:
+        """A removed expert leaves every engine: its resident weights and the plans that use it. After
+        any change, free heap pages go back to the system (a registration allocates and frees a lot)."""
+        from moerge.executors.memory import malloc_trim
+        malloc_trim()
+        if event != "removed":
+            return
+        for ex in self.local:
+            forget = getattr(ex, "forget", None)
+            if forget is not None:
+                forget(name)
+
     # -- plans ---------------------------------------------------------------------------
     def engines(self) -> Engines:
         return Engines([ex.caps() for ex in self.local], remote=self.remote is not None)
@@ -178,6 +190,9 @@ def start(settings: Settings, *, executor: str | None = None, pool_dir=None, bun
     from moerge.assets import ensure_assets
     from moerge.experts.pool import open_pool
 
+    if settings.malloc_arena_max:
+        from moerge.executors.memory import limit_arenas
+        limit_arenas(settings.malloc_arena_max)
     if settings.threads:
         import torch
         torch.set_num_threads(settings.threads)
@@ -202,6 +217,7 @@ def start(settings: Settings, *, executor: str | None = None, pool_dir=None, bun
     elif kind != "reference":
         raise ValueError(f"executor {kind!r} is not available: use vllm or reference")
     system = System(settings, assets, pool, local, RemoteModelExecutor(timeout=settings.remote_timeout_s))
+    pool.on_change(system.on_pool_change)
     if with_router:
         from moerge.router.factory import build_context
         system.router_ctx = build_context(pool, system.complete if with_writer else None,

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -37,9 +36,10 @@ def prepare_gate(v: torch.Tensor, gate_set: str) -> torch.Tensor:
     return standardise(v) if GATE_MODES.get(gate_set) == "phatgoose" else v / v.norm().clamp_min(1e-12)
 
 
-@lru_cache(maxsize=256)
 def load_expert(ref: ExpertRef) -> LoadedExpert:
-    """Read one expert (cached by its versioned identity: a new version is a new entry)."""
+    """Read one expert from its files. Not cached here: each engine keeps its resident experts, up to
+    its capacity, and drops the versions the pool removed (a process-wide cache kept up to 256 of them,
+    removed experts included, and was a large part of an engine's memory under churn)."""
     from safetensors.torch import load_file
 
     folder = Path(ref.adapter_dir)

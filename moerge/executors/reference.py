@@ -30,6 +30,9 @@ class ReferenceExecutor:
     def caps(self) -> EngineCaps:
         return EngineCaps("reference")
 
+    def forget(self, name: str) -> None:
+        self.engine.forget(name)
+
     def describe(self) -> dict:
         return {"engine": "reference", "ready": True, "resident_experts": list(self.engine._experts)}
 
@@ -38,8 +41,7 @@ class ReferenceExecutor:
 
     def stream(self, messages: list[dict], params: SamplingParams, plan: ExecutionPlan) -> Iterator[StreamDelta]:
         prompt = self.engine.encode_chat(messages)
-        row = self.engine.row_plan(plan)
-        it = self.engine.iter_batch([prompt], [row], params)
+        it = self.engine.iter_batch([prompt], [plan], params)
         tokens: list[int] = []
         sent = ""
         try:
@@ -76,7 +78,7 @@ class ReferenceExecutor:
         for idx in groups.values():
             for j in range(0, len(idx), batch_size):
                 chunk = idx[j:j + batch_size]
-                rows = [self.engine.row_plan(plans[i]) for i in chunk]
+                rows = [plans[i] for i in chunk]        # row plans are made under the engine's lock
                 for i, r in zip(chunk, self.engine.generate_batch([prompts[i] for i in chunk], rows, per[chunk[0]])):
                     out[i] = Generation(r.text, r.prompt_tokens, len(r.tokens), r.finish_reason,
                                         layer_usage=r.layer_usage, token_ids=list(r.tokens))

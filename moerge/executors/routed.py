@@ -44,6 +44,7 @@ class RoutedEngine:
         self.expert_names: list[str] = []
         self.capacity = capacity
         self._experts: OrderedDict[str, LoadedExpert] = OrderedDict()
+        self._forgotten: set[str] = set()     # names removed from the pool, dropped at the next planning
         self._index: dict[str, int] = {}
         self._dense_cache: dict[str, dict[str, torch.Tensor]] = {}
         self._gate_cache: dict[tuple, dict] = {}
@@ -75,20 +76,32 @@ class RoutedEngine:
         that the current plans do not need are dropped (their stack is rebuilt once)."""
         with self._lock:
             needed = {r.key: r for r in refs}
+            gone = [k for k, ex in self._experts.items() if ex.ref.name in self._forgotten and k not in needed]
+            self._forgotten.clear()
+            for k in gone:
+                del self._experts[k]
             new = [r for k, r in needed.items() if k not in self._experts]
             for k in needed:
                 if k in self._experts:
                     self._experts.move_to_end(k)
+            for r in new:
+                self._experts[r.key] = load_expert(r)
             if new:
-                for r in new:
-                    self._experts[r.key] = load_expert(r)
                 while len(self._experts) > self.capacity:
                     victim = next((k for k in self._experts if k not in needed), None)
                     if victim is None:
                         raise PlanError(f"the plans need more than {self.capacity} experts at once")
                     del self._experts[victim]
+            if new or gone:
                 self._restack()
             return self._index
+
+    def forget(self, name: str) -> None:
+        """Expert `name` left the pool: its resident versions are dropped when the next batch is planned
+        (never under a running one, whose rows index the current stack)."""
+        with self._lock:
+            self._forgotten.add(name)
+            self._dense_cache.clear()
 
     def _restack(self) -> None:
         experts = list(self._experts.values())
@@ -131,7 +144,8 @@ class RoutedEngine:
         key = (plan.gate_set, tuple(r.key for r in plan.experts))
         with self._lock:
             if key not in self._gate_cache:
-                tables = [load_expert(r).gates.get(plan.gate_set, {}) for r in plan.experts]
+                tables = [(self._experts.get(r.key) or load_expert(r)).gates.get(plan.gate_set, {})
+                          for r in plan.experts]
                 modules = sorted(set().union(*(set(t) for t in tables))) if tables else []
                 out = {}
                 for m in modules:
@@ -170,8 +184,15 @@ class RoutedEngine:
 
     def iter_batch(self, prompts: list[list[int]], plans: list[RowPlan], params: SamplingParams):
         """Decode step by step: yields the list of (row, token) accepted at each step and
-        returns the RowResults. Holds the generation lock until exhausted or closed."""
+        returns the RowResults. Holds the generation lock until exhausted or closed. `plans` may be
+        execution plans: they become row plans under the lock, so no other request restacks the
+        experts between a row's plan and its decode."""
         with self._gen_lock:
+            todo = [p for p in plans if not isinstance(p, RowPlan) and p is not None]
+            # every row's experts resident first, in one restack: a later row's new expert must not
+            # move the stack under an earlier row's indices
+            self._resident([r for p in todo if p.kind not in ("base", "dense_delta") for r in p.experts])
+            plans = [p if isinstance(p, RowPlan) else self.row_plan(p) for p in plans]
             B = len(prompts)
             width = max(map(len, prompts))
             pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else 0
@@ -249,7 +270,7 @@ class RoutedEngine:
 
     def generate(self, messages: list[dict], params: SamplingParams, plan: ExecutionPlan | None = None) -> Generation:
         prompt = self.encode_chat(messages)
-        r = self.generate_batch([prompt], [self.row_plan(plan)], params)[0]
+        r = self.generate_batch([prompt], [plan], params)[0]
         return Generation(r.text, r.prompt_tokens, len(r.tokens), r.finish_reason, layer_usage=r.layer_usage,
                           token_ids=list(r.tokens))
 

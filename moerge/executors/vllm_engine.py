@@ -58,7 +58,11 @@ class PlanAdapters:
         self._blank = self.root / "_blank"
         if not (self._blank / "adapter_model.safetensors").exists():
             self._write_blank(model_dir)
-        self._shared: dict[str, int] = {}
+        self._shared: dict[str, int] = {}               # plan signature -> its shared LoRA id
+        self._sig_of: dict[int, str] = {}
+        self._names_of: dict[int, frozenset[str]] = {}  # shared LoRA id -> the expert names its plan uses
+        self._inflight: dict[int, int] = {}             # LoRA id -> requests running with it
+        self._doomed: dict[int, str] = {}               # shared id of a removed expert's plan -> that expert
         self._ids = itertools.count(1)
         self._unique = itertools.count(_UNIQUE_BASE)
         self._lock = threading.Lock()
@@ -88,7 +92,10 @@ class PlanAdapters:
                 sig = plan.signature()
                 if sig not in self._shared:
                     self._shared[sig] = next(self._ids)
+                    self._sig_of[self._shared[sig]] = sig
+                    self._names_of[self._shared[sig]] = frozenset(r.name for r in plan.experts)
                 lora_id = self._shared[sig]
+            self._inflight[lora_id] = self._inflight.get(lora_id, 0) + 1
         folder = self.root / str(lora_id)
         if not (folder / PLAN_FILE).exists():
             tmp = self.root / f".{lora_id}.{uuid.uuid4().hex[:8]}"
@@ -100,9 +107,35 @@ class PlanAdapters:
             os.replace(tmp, folder)
         return LoRARequest(lora_name=f"moerge-plan-{lora_id}", lora_int_id=lora_id, lora_path=str(folder)), unique
 
+    def done(self, lora_id: int) -> str | None:
+        """A request with this LoRA id ended. If it was the last one on a removed expert's shared plan,
+        that expert's name (the plan is to be dropped from the engine now)."""
+        with self._lock:
+            left = self._inflight.get(lora_id, 0) - 1
+            if left > 0:
+                self._inflight[lora_id] = left
+                return None
+            self._inflight.pop(lora_id, None)
+            return self._doomed.pop(lora_id, None)
+
+    def forget(self, name: str) -> list[int]:
+        """Expert `name` left the pool: no new request gets the shared plans that use it. Returns the
+        ones idle now (to drop from the engine); the busy ones come back from `done` when they end."""
+        with self._lock:
+            ids = [i for i, names in self._names_of.items() if name in names]
+            for i in ids:
+                del self._shared[self._sig_of.pop(i)]
+                del self._names_of[i]
+            self._doomed.update((i, name) for i in ids if self._inflight.get(i, 0) > 0)
+            return [i for i in ids if self._inflight.get(i, 0) == 0]
+
+    def shared_ids(self) -> int:
+        with self._lock:
+            return len(self._shared)
+
     def release(self, lora_id: int) -> None:
-        if lora_id >= _UNIQUE_BASE:
-            shutil.rmtree(self.root / str(lora_id), ignore_errors=True)
+        """Delete a plan folder that no request will load again (unique, or a dropped shared one)."""
+        shutil.rmtree(self.root / str(lora_id), ignore_errors=True)
 
 
 class EngineUnavailableError(ExpertError):
@@ -267,7 +300,7 @@ class VllmExecutor:
         if engine is None or engine.errored:
             raise EngineUnavailableError("the vLLM engine is restarting; send the request again shortly")
         lora, unique = self.adapters.request(plan)
-        final, sent = None, 0
+        final, sent, dead = None, 0, False
         try:
             async for out in engine.generate({"prompt_token_ids": prompt_ids}, sp, uuid.uuid4().hex,
                                                   lora_request=lora):
@@ -278,18 +311,42 @@ class VllmExecutor:
                         out_q.put(("delta", text[sent:]))
                         sent = len(text)
         except EngineDeadError as e:
-            if unique:         # nothing to collect from a dead engine
-                unique = False
-                self.adapters.release(lora.lora_int_id)
+            dead = True
             raise EngineUnavailableError("the vLLM engine process died during this request; it is being "
                                          "restarted: send the request again shortly") from e
         finally:
             usage = {}
-            if unique:
-                res = await engine.collective_rpc("moerge_finish_plan", args=(lora.lora_int_id,))
-                usage = {int(k): v for k, v in (res[0] if res else {}).items()}
-                self.adapters.release(lora.lora_int_id)
+            if lora is not None:
+                doomed = self.adapters.done(lora.lora_int_id)
+                if unique and not dead:
+                    res = await engine.collective_rpc("moerge_finish_plan", args=(lora.lora_int_id,))
+                    usage = {int(k): v for k, v in (res[0] if res else {}).items()}
+                if unique:
+                    self.adapters.release(lora.lora_int_id)
+                if doomed is not None and not dead:
+                    await self._drop_plans(engine, [lora.lora_int_id], doomed)
         return final, usage
+
+    async def _drop_plans(self, engine, lora_ids: list[int], name: str | None) -> None:
+        """Drop shared plans of removed experts from the worker (and vLLM's adapter cache), and the
+        resident versions of expert `name`; then delete their folders."""
+        try:
+            await engine.collective_rpc("moerge_forget", args=(lora_ids, name))
+        except Exception:  # noqa: BLE001 - a dead engine forgets everything anyway
+            log.warning("forgetting %s in the vLLM worker failed", name or lora_ids, exc_info=True)
+        for i in lora_ids:
+            self.adapters.release(i)
+
+    def forget(self, name: str) -> None:
+        """Expert `name` was removed from the pool: its resident weights and the plans that use it leave
+        the engine (now, or when their last request ends). Returns at once; the worker does it between steps."""
+        idle = self.adapters.forget(name)
+        engine = self.engine
+        if engine is None or not self._loop.is_running():
+            for i in idle:
+                self.adapters.release(i)
+            return
+        asyncio.run_coroutine_threadsafe(self._drop_plans(engine, idle, name), self._loop)
 
     def generate_many(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams],
                       plans: list[ExecutionPlan]) -> list[Generation]:

@@ -14,6 +14,7 @@ import json
 import os
 import re
 import threading
+import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -123,6 +124,12 @@ class PluginState:
         self.lock = threading.Lock()
         self.loads = 0
         self.evictions = 0
+        # glibc keeps the heap pages a forward frees (oneDNN primitives for each new batch shape, plan
+        # tables); every trim_every_s seconds they go back to the system (0: never)
+        self.trim_every_s = float(os.environ.get("MOERGE_WORKER_TRIM_S", "10"))
+        self._last_trim = time.monotonic()
+        self.trims = 0
+        self.trim_ms = 0.0
 
     # -- registration (engine-core thread, between forwards) ------------------------------
     def register_module(self, name: str, module) -> None:
@@ -163,14 +170,41 @@ class PluginState:
         self._next_slot += 1
         self.loads += 1
 
+    def forget(self, lora_ids: list[int], name: str | None) -> dict:
+        """Drop these plans, and every resident version of expert `name` that no remaining plan uses."""
+        with self.lock:
+            self._fold_usage()
+            plans = [self.plans.pop(i) for i in lora_ids if i in self.plans]
+            experts = []
+            if name is not None:
+                busy = {r.key for p in self.plans.values() for r in p.experts}
+                experts = [k for k, ex in self.resident.items() if ex.ref.name == name and k not in busy]
+                for k in experts:
+                    del self.resident[k]
+                    del self.slot[k]
+                    self.evictions += 1
+                if experts:
+                    self._tables.clear()
+            return {"plans": len(plans), "experts": experts}
+
     def drop_plan(self, lora_id: int) -> WorkerPlan | None:
         with self.lock:
             self._fold_usage()
             return self.plans.pop(lora_id, None)
 
     # -- per forward -----------------------------------------------------------------------
+    def maybe_trim(self) -> None:
+        now = time.monotonic()
+        if self.trim_every_s > 0 and now - self._last_trim >= self.trim_every_s:
+            from moerge.executors.memory import malloc_trim
+            malloc_trim()
+            self._last_trim = time.monotonic()
+            self.trims += 1
+            self.trim_ms += (self._last_trim - now) * 1000
+
     def begin_batch(self, lora_ids: list[int]) -> BatchTables | None:
         """Build the per-token tables for a forward from each token's LoRA id (0 = none)."""
+        self.maybe_trim()
         with self.lock:
             self._fold_usage()
             order: dict[int, int] = {}
@@ -286,7 +320,8 @@ class PluginState:
     def describe(self) -> dict:
         with self.lock:
             return {"resident_experts": [k for k in self.resident], "capacity": self.capacity,
-                    "plans": len(self.plans), "expert_loads": self.loads, "expert_evictions": self.evictions}
+                    "plans": len(self.plans), "expert_loads": self.loads, "expert_evictions": self.evictions,
+                    "malloc_trims": self.trims, "malloc_trim_ms": round(self.trim_ms, 1)}
 
 
 STATE = PluginState()

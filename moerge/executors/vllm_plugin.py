@@ -58,12 +58,36 @@ class MoergeWorkerExtension:
             pass
         return {str(k): v for k, v in plan.layer_usage().items()} if plan is not None else {}
 
+    def moerge_forget(self, lora_ids: list[int], name: str | None) -> dict:
+        """Shared plans whose expert was removed, and that expert's resident versions, leave this worker;
+        then free heap pages go back to the system."""
+        from moerge.executors.memory import malloc_trim
+        from moerge.executors.vllm_plans import STATE
+        dropped = STATE.forget(lora_ids, name)
+        for i in lora_ids:
+            try:
+                self.remove_lora(i)
+            except Exception:  # noqa: BLE001 - vLLM's own LRU may have evicted it already
+                pass
+        malloc_trim()
+        return dropped
+
     def moerge_set_capacity(self, capacity: int, dtype: str) -> None:
         import torch
 
         from moerge.executors.vllm_plans import STATE
         STATE.capacity = capacity
         STATE.dtype = getattr(torch, dtype)
+
+    def moerge_memory(self, trim: bool = False) -> dict:
+        """This worker's resident memory (MiB): all of it and its main heap; with trim=True, measured
+        again after glibc's malloc_trim(0) hands free heap pages back to the system."""
+        from moerge.executors.memory import malloc_trim, rss_breakdown
+        out = {"before": rss_breakdown()}
+        if trim:
+            out["trimmed"] = malloc_trim()
+            out["after"] = rss_breakdown()
+        return out
 
     def moerge_describe(self) -> dict:
         from moerge.executors.vllm_plans import STATE

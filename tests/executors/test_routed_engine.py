@@ -195,3 +195,45 @@ def test_rows_sharing_gates_are_gated_together_but_keep_their_own_bias(setup):
             assert t.layer_usage[layer] == pytest.approx(a.layer_usage[layer], abs=1e-3)
     # the biased rows really are steered: e0 takes top weight wherever it can be picked
     assert all(shares.get("e0", 0) > 0.3 for shares in together[1].layer_usage.values())
+
+
+def _exec(pool, decision):
+    return make_plan(decision, pool, Engines([EngineCaps("reference")]))
+
+
+@pytest.mark.real
+def test_a_later_rows_new_expert_does_not_move_an_earlier_rows_experts(setup):
+    """Row plans of one batch are made together: a row that brings a new expert restacks the
+    experts, and must not leave an earlier row pointing at another expert's slot."""
+    from moerge.executors.reference import ReferenceExecutor
+    pool, _, _, base = setup
+    params = SamplingParams(max_tokens=8, temperature=0.0)
+    prompt = [{"role": "user", "content": "say something about the weather"}]
+    pin = {n: _exec(pool, RoutingDecision("pinned", "sequence", chosen=[n])) for n in NAMES}
+    merge = _exec(pool, RoutingDecision("merge-linear", "static", chosen=["e0", "e1"]))
+    alone = ReferenceExecutor(base).generate(prompt, params, pin["e2"])
+    ex = ReferenceExecutor(base)
+    ids = ex.engine.encode_chat(prompt)
+    ex.generate_many([ids, ids], params, [pin["e0"], pin["e2"]])          # resident: e0, e2
+    # row 0 needs e2 (resident); row 1 needs e0 (resident, moved to the end) and e1 (new): a restack
+    got = ex.generate_many([ids, ids], params, [pin["e2"], merge])
+    assert got[0].token_ids == alone.token_ids, (got[0].text, alone.text)
+    assert [k.split("@")[0] for k in ex.describe()["resident_experts"]] == ["e2", "e0", "e1"]
+
+
+@pytest.mark.real
+def test_a_forgotten_expert_leaves_the_reference_engine_at_the_next_planning(setup):
+    from moerge.executors.reference import ReferenceExecutor
+    pool, _, _, base = setup
+    ex = ReferenceExecutor(base)
+    params = SamplingParams(max_tokens=2)
+    prompt = [{"role": "user", "content": "hi"}]
+    ex.generate(prompt, params, _exec(pool, RoutingDecision("merge-linear", "static", chosen=["e0", "e1"])))
+    assert [k.split("@")[0] for k in ex.describe()["resident_experts"]] == ["e0", "e1"]
+    ex.forget("e0")
+    ex.generate(prompt, params, _exec(pool, RoutingDecision("pinned", "sequence", chosen=["e2"])))
+    assert [k.split("@")[0] for k in ex.describe()["resident_experts"]] == ["e1", "e2"]
+    # an expert the next plan needs is kept, even if it was forgotten (it came back under the same name)
+    ex.forget("e2")
+    ex.generate(prompt, params, _exec(pool, RoutingDecision("pinned", "sequence", chosen=["e2"])))
+    assert [k.split("@")[0] for k in ex.describe()["resident_experts"]] == ["e1", "e2"]

@@ -157,3 +157,79 @@ def test_plans_vllm_cannot_run_fall_back_with_the_reason_or_are_refused(system, 
     bad2 = replace(bad, chosen=["arith_add", "uppercase"])
     with pytest.raises(PlanError, match="gate set 'nonexistent' does not match the pool"):
         system.plan(bad2)
+
+
+def _wait_gone(vx, prefix: str, within_s: float = 20.0) -> list[str]:
+    """Poll the worker until no resident expert key starts with `prefix` (forgetting runs between steps)."""
+    import time
+    deadline = time.monotonic() + within_s
+    while True:
+        keys = vx.describe()["resident_experts"]
+        if not any(k.startswith(prefix) for k in keys) or time.monotonic() > deadline:
+            return keys
+
+
+@pytest.mark.real
+@pytest.mark.slow
+def test_an_expert_removed_and_registered_again_many_times_leaves_nothing_stale_in_the_engine(
+        system, base_model_dir, tmp_path):
+    """Each cycle registers a new version of `churn`, runs it pinned (a shared plan) and in arrow
+    routing (a per-request plan), and removes it. With the worker's capacity set to the library plus
+    two, stale versions held by their shared plans would fill it by the third cycle ("more than 14
+    experts are in use at once"); the engine must forget each removed version instead."""
+    vx, _ = system.local
+    library = len(system.pool.list())
+    capacity = library + 2
+    vx._call(vx.engine.collective_rpc("moerge_set_capacity", args=(capacity, "float32")))
+    arrow = make_router("arrow", system.router_ctx)
+    ids = _ids(system, PROMPTS[:2])
+    counts = []
+    try:
+        for cycle in range(5):
+            ad = make_lora(base_model_dir, tmp_path / f"churn{cycle}", base_name=BASE_ID, r=4, seed=100 + cycle,
+                           scale_b=0.3)
+            system.pool.register_lora(ad, "churn", f"version {cycle} of an expert registered and removed")
+            pinned = system.plan(_pinned("churn"))
+            routed = system.plan(arrow.route(PROMPTS[0]))
+            assert pinned.engine == routed.engine == "vllm" and "churn" in [e.name for e in routed.experts]
+            got = vx.generate_many(ids, SamplingParams(max_tokens=4), [pinned, routed])
+            assert all(g.completion_tokens > 0 for g in got)
+            system.pool.remove("churn")
+            keys = _wait_gone(vx, "churn@")
+            assert not any(k.startswith("churn@") for k in keys), (cycle, keys)
+            counts.append((vx.describe()["plans"], vx.adapters.shared_ids()))
+    finally:
+        vx._call(vx.engine.collective_rpc("moerge_set_capacity", args=(vx.max_resident_experts, "float32")))
+        if any(c.name == "churn" for c in system.pool.list()):
+            system.pool.remove("churn")
+    assert len(set(counts)) == 1, counts            # plans held by the worker and shared plan ids: flat
+
+
+@pytest.mark.real
+@pytest.mark.slow
+def test_removing_an_expert_under_a_running_request_lets_it_finish_on_the_old_weights(
+        system, base_model_dir, tmp_path):
+    """The shared plan of a removed expert is dropped only when its last request ends: the running
+    request keeps its tokens (equal to a run with no removal), and afterwards the version is gone."""
+    import threading
+    import time
+    vx, _ = system.local
+    ad = make_lora(base_model_dir, tmp_path / "doomed", base_name=BASE_ID, r=4, seed=42, scale_b=0.3)
+    system.pool.register_lora(ad, "doomed", "an expert removed while it answers")
+    params = SamplingParams(max_tokens=160, temperature=0.0, ignore_eos=True)
+    ids = _ids(system, PROMPTS[1:2])
+    plan = system.plan(_pinned("doomed"))
+    want = vx.generate_many(ids, params, [plan])[0]
+    out = {}
+    worker = threading.Thread(target=lambda: out.setdefault("got", vx.generate_many(ids, params, [plan])[0]))
+    worker.start()
+    time.sleep(1.0)
+    assert worker.is_alive(), "the request ended before the removal: make it longer"
+    system.pool.remove("doomed")
+    time.sleep(0.5)
+    still = vx.describe()["resident_experts"]
+    worker.join(300)
+    assert any(k.startswith("doomed@") for k in still), still     # kept while its request runs
+    assert _tokens(out["got"]) == _tokens(want) and len(_tokens(want)) >= 150
+    keys = _wait_gone(vx, "doomed@")
+    assert not any(k.startswith("doomed@") for k in keys), keys

@@ -14,7 +14,8 @@ greedy, `--tokens` new tokens each. One more user (the churner) uploads an adapt
 Recorded: requests/s over the run, p50/p99 per request kind, errors (any status but 200/201, a
 body without an answer, a chat answer on an engine other than vLLM), and the resident memory (RSS)
 of the service process and of the vLLM engine processes (its descendants), sampled every second:
-start (after warm-up), end, max, growth. JSON in runs/bench/load.json, a plot in
+start (after warm-up), end, max, growth, the least-squares slope over the second half of the run; and
+where each process grew, by kind of memory mapping (smaps: heap, anonymous, files). JSON in runs/bench/load.json, a plot in
 runs/bench/load.png (with --docs-copy, both also in docs/results/load/, apart from the evaluation report). The child's process group (EngineCore included) is ended at the end.
 Exit status 1 when any request failed.
 """
@@ -236,10 +237,22 @@ def _percentile(xs: list[float], q: float) -> float:
     return xs[i]
 
 
+def _slope_mib_per_min(ts: list[float], vals: list[float]) -> float:
+    """Least-squares slope, MiB per minute (the readings wobble as heaps are trimmed)."""
+    n = len(ts)
+    if n < 2:
+        return float("nan")
+    mt, mv = sum(ts) / n, sum(vals) / n
+    var = sum((t - mt) ** 2 for t in ts)
+    return 60 * sum((t - mt) * (v - mv) for t, v in zip(ts, vals)) / var if var else float("nan")
+
+
 def _memory(samples: list[tuple[float, float, float]], col: int) -> dict:
     vals = [s[col] for s in samples]
+    half = [s for s in samples if s[0] >= (samples[0][0] + samples[-1][0]) / 2]
     return {"start_mib": round(vals[0], 1), "end_mib": round(vals[-1], 1), "max_mib": round(max(vals), 1),
-            "growth_mib": round(vals[-1] - vals[0], 1)}
+            "growth_mib": round(vals[-1] - vals[0], 1),
+            "second_half_slope_mib_per_min": round(_slope_mib_per_min([s[0] for s in half], [s[col] for s in half]), 1)}
 
 
 def _plot(result: dict, samples, rec: Record, t0: float, out: Path) -> None:
@@ -398,7 +411,8 @@ def main(argv: list[str]) -> dict:
     m = result["memory"]
     for part in ("service", "engine"):
         print(f"  RSS {part:8} start {m[part]['start_mib']} MiB, end {m[part]['end_mib']} MiB, "
-              f"max {m[part]['max_mib']} MiB, growth {m[part]['growth_mib']} MiB")
+              f"max {m[part]['max_mib']} MiB, growth {m[part]['growth_mib']} MiB, "
+              f"second-half slope {m[part]['second_half_slope_mib_per_min']} MiB/min")
     for who, g in result["memory_by_mapping"].items():
         print(f"  RSS growth of {who} by mapping kind (MiB): " + ", ".join(f"{k} {v:+.1f}" for k, v in g["by_kind"].items()))
         for row in g["top"][:5]:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from moerge.experts.lora import LORA_KEY_RE, lora_scaling
+from moerge.experts.lora import LORA_KEY_RE, lora_scaling, read_safetensors
 from moerge.kernels.gating import standardise
 from moerge.plan import ExpertRef, PlanError
 
@@ -40,12 +40,10 @@ def load_expert(ref: ExpertRef) -> LoadedExpert:
     """Read one expert from its files. Not cached here: each engine keeps its resident experts, up to
     its capacity, and drops the versions the pool removed (a process-wide cache kept up to 256 of them,
     removed experts included, and was a large part of an engine's memory under churn)."""
-    from safetensors.torch import load_file
-
     folder = Path(ref.adapter_dir)
     try:
         config = json.loads((folder / "adapter_config.json").read_text())
-        tensors = load_file(str(folder / "adapter_model.safetensors"))
+        tensors = read_safetensors(folder / "adapter_model.safetensors")
     except (OSError, ValueError) as e:
         raise PlanError(f"expert {ref.name!r}: its adapter files cannot be read ({e}); re-register it") from e
     pairs: dict[str, dict[str, torch.Tensor]] = {}
@@ -60,6 +58,6 @@ def load_expert(ref: ExpertRef) -> LoadedExpert:
         sb[module] = (ab["B"].float() * lora_scaling(config, module, r)).contiguous()
     gates = {}
     for gate_set, path in ref.gates:
-        raw = load_file(path)
+        raw = read_safetensors(path)
         gates[gate_set] = {m: prepare_gate(v, gate_set) for m, v in raw.items()}
     return LoadedExpert(ref, a, sb, gates)

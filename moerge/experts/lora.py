@@ -114,6 +114,17 @@ def _check_base(config: dict, spec: BaseModelSpec) -> None:
         f"train the adapter on {spec.model_id}")
 
 
+def read_safetensors(path) -> dict[str, torch.Tensor]:
+    """A safetensors file's tensors, read with pread(2) into fresh memory.
+
+    Not safetensors' default mmap backend: in safetensors 0.8.0 each mmap-backed load keeps about
+    110 bytes of Python objects per tensor alive for good (23 KiB for a bundled adapter's 210
+    tensors, measured with tracemalloc; safetensors issue #369 reports the same). A service that
+    registers experts for months would grow by that much with every registration."""
+    from safetensors.torch import load_file
+    return load_file(str(path), backend="pread")
+
+
 def _load_weights(folder: Path) -> dict[str, torch.Tensor]:
     path = folder / WEIGHTS_NAME
     if not path.is_file():
@@ -124,9 +135,8 @@ def _load_weights(folder: Path) -> dict[str, torch.Tensor]:
                 f"convert it to {WEIGHTS_NAME} (peft: save_pretrained(..., safe_serialization=True))")
         raise AdapterWeightsError(f"{folder} has no {WEIGHTS_NAME}: save the adapter with peft")
     from safetensors import SafetensorError
-    from safetensors.torch import load_file
     try:
-        return load_file(str(path))
+        return read_safetensors(path)
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise AdapterWeightsError(f"{WEIGHTS_NAME} is not a readable safetensors file ({e}): re-save the adapter "
                                   "with peft's save_pretrained(..., safe_serialization=True)")

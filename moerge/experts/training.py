@@ -19,9 +19,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from moerge.experts.lora import read_safetensors
 from moerge.models.chat import encode_chat, encode_chat_answer, stop_token_ids
 from moerge.tasks import get_task
 
@@ -147,12 +148,12 @@ def _load_checkpoint(ckpt: Path, model, opt, cfg: TrainConfig):
     state = json.loads((ckpt / "state.json").read_text())
     if state["fingerprint"] != cfg.fingerprint():
         return 0, [], []
-    params = load_file(str(ckpt / "params.safetensors"))
+    params = read_safetensors(ckpt / "params.safetensors")
     named = dict(model.named_parameters())
     with torch.no_grad():
         for n, t in params.items():
             named[n].copy_(t)
-    tensors = load_file(str(ckpt / "optimizer.safetensors")) if (ckpt / "optimizer.safetensors").exists() else {}
+    tensors = read_safetensors(ckpt / "optimizer.safetensors") if (ckpt / "optimizer.safetensors").exists() else {}
     for n, p in named.items():
         if not p.requires_grad:
             continue
@@ -172,7 +173,7 @@ def save_adapter_bf16(peft_model, out: Path) -> None:
     """peft layout (adapter_config.json + adapter_model.safetensors) with bf16 tensors."""
     peft_model.save_pretrained(out, safe_serialization=True)
     path = out / "adapter_model.safetensors"
-    tensors = {k: v.to(torch.bfloat16).contiguous() for k, v in sorted(load_file(str(path)).items())}
+    tensors = {k: v.to(torch.bfloat16).contiguous() for k, v in sorted(read_safetensors(path).items())}
     save_file(tensors, str(path), metadata={"format": "pt"})
     cfg = json.loads((out / "adapter_config.json").read_text())
     (out / "adapter_config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")

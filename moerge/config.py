@@ -55,8 +55,13 @@ class Settings(BaseSettings):
     max_upload_mb: float = Field(default=64.0, description="largest single adapter file accepted")
     max_lora_rank: int = Field(default=256, ge=1)
     registry_busy_timeout_s: float = Field(default=5.0, gt=0, description="seconds a registry call waits for "
-                                           "another process's SQLite lock; past it, 503 with Retry-After and "
-                                           "nothing changed")
+                                           "another process's lock (SQLite's database lock; with PostgreSQL, "
+                                           "the pool's advisory lock or a row lock); past it, 503 with "
+                                           "Retry-After and nothing changed")
+    pool_poll_s: float = Field(default=1.0, ge=0, description="seconds between two looks at the registry's pool "
+                               "version: an expert registered, updated or removed by another replica on the "
+                               "same registry reaches this one's routers and engines within about this long "
+                               "(docs/deployment.md). 0: never look (one process only)")
     bundled_pool: bool = Field(default=True, description="load the bundled expert library on first start")
     malloc_arena_max: int = Field(default=2, ge=0, description="glibc malloc arenas in the service process "
                                   "(0: glibc's default of 8 per core). Upload threads otherwise each grow an "

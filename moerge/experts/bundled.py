@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from moerge.experts.errors import NameTakenError
+
 LIBRARY = Path(__file__).resolve().parent / "library"
 
 
@@ -24,9 +26,13 @@ def load_bundled(pool, progress=print) -> list[str]:
             continue
         folder = LIBRARY / entry["name"]
         gate = folder / "gate.safetensors"
-        card = pool.register_lora(folder, entry["name"], entry["description"], tags=entry.get("tags", []),
-                                  examples=entry.get("examples", []), extra={"bundled": True, "task": entry.get("task")},
-                                  extra_blobs={"gate": gate.read_bytes()} if gate.exists() else None)
+        try:
+            card = pool.register_lora(folder, entry["name"], entry["description"], tags=entry.get("tags", []),
+                                      examples=entry.get("examples", []),
+                                      extra={"bundled": True, "task": entry.get("task")},
+                                      extra_blobs={"gate": gate.read_bytes()} if gate.exists() else None)
+        except NameTakenError:  # a replica starting at the same time on the same registry registered it first
+            continue
         added.append(card.name)
         progress(f"registered bundled expert {card.name}")
     return added

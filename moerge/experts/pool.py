@@ -7,6 +7,10 @@ blobs and staging files, which the next `ExpertPool(...)` sweeps away under the 
 so the pool is exactly as it was. A registration that fails without a crash (a full disk,
 the registry locked by another process) removes what it staged and published before it
 raises, without reading the registry.
+
+The pool lock is a flock on `<root>/.lock` and, with a PostgreSQL registry, also that database's advisory
+lock, so replicas on several hosts serialise their writes even where they share no file lock. Listeners
+hear of this process's changes at once and of other processes' within `poll_s` (moerge.experts.changes).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from safetensors.torch import save as st_save
 from sqlalchemy.exc import IntegrityError
 
 from moerge.experts.card import ExpertCard, check_name
+from moerge.experts.changes import ChangeListener, PoolChangeFeed
 from moerge.experts.errors import ExpertError, NameTakenError, UnknownExpertError, storage_full
 from moerge.experts.lora import BaseModelSpec, LoraAdapter, load_lora
 from moerge.experts.model_ref import validate_model_expert
@@ -34,7 +39,6 @@ from moerge.experts.store import ArtifactStore
 from moerge.kernels.arrow import arrow_prototypes
 
 EmbedFn = Callable[[list[str]], np.ndarray]
-ChangeListener = Callable[[str, str], None]  # (event, name): "added" | "updated" | "removed"
 
 
 def tensors_to_bytes(tensors: dict[str, torch.Tensor]) -> bytes:
@@ -44,7 +48,9 @@ def tensors_to_bytes(tensors: dict[str, torch.Tensor]) -> bytes:
 class ExpertPool:
     def __init__(self, root: Path, registry_url: str, base_spec: BaseModelSpec | None = None,
                  *, embed: EmbedFn | None = None, max_rank: int = 256, max_upload_bytes: int | None = None,
-                 base_spec_loader: Callable[[], BaseModelSpec] | None = None, busy_timeout_s: float = 5.0):
+                 base_spec_loader: Callable[[], BaseModelSpec] | None = None, busy_timeout_s: float = 5.0,
+                 poll_s: float = 1.0):
+        """`poll_s`: how often to look for other processes' changes once a listener is subscribed (0: never)."""
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.store = ArtifactStore(self.root)
@@ -55,10 +61,11 @@ class ExpertPool:
         self.max_rank = max_rank
         self.max_upload_bytes = max_upload_bytes
         self._thread_lock = threading.RLock()
-        self._listeners: list[ChangeListener] = []
+        self._lock_depth = 0
         with self.locked():
             self.registry.recover()
             self.store.sweep(self.registry.referenced_digests())
+            self.changes = PoolChangeFeed(self.registry, self._thread_lock, poll_s)
 
     # -- plumbing -----------------------------------------------------------------
     @property
@@ -76,24 +83,33 @@ class ExpertPool:
         return self._embed(texts)
 
     def on_change(self, listener: ChangeListener) -> None:
-        self._listeners.append(listener)
-
-    def _notify(self, event: str, name: str) -> None:
-        for listener in self._listeners:
-            listener(event, name)
+        """`listener(event, name)` on every change: this process's once committed, other processes' within
+        `poll_s`. Events: "added", "updated", "removed" (an expert registered again elsewhere: both)."""
+        self.changes.subscribe(listener)
 
     @contextlib.contextmanager
     def locked(self) -> Iterator[None]:
-        """Exclusive across threads and processes sharing this pool folder."""
-        with self._thread_lock, open(self.root / ".lock", "a+") as fh:
-            fcntl.flock(fh, fcntl.LOCK_EX)
-            try:
+        """Exclusive across threads and processes sharing this pool folder and, with PostgreSQL, across
+        every process using its database. Re-entrant in one thread."""
+        with self._thread_lock:
+            if self._lock_depth:
                 yield
-            finally:
-                fcntl.flock(fh, fcntl.LOCK_UN)
+                return
+            with open(self.root / ".lock", "a+") as fh:
+                fcntl.flock(fh, fcntl.LOCK_EX)
+                try:
+                    with self.registry.exclusive():
+                        self._lock_depth += 1
+                        try:
+                            yield
+                        finally:
+                            self._lock_depth -= 1
+                finally:
+                    fcntl.flock(fh, fcntl.LOCK_UN)
 
-    def _commit(self, blobs: dict[str, bytes | Path], write_row: Callable) -> dict[str, str]:
-        """Stage + publish blobs, then run write_row(conn, digests) in one transaction.
+    def _commit(self, blobs: dict[str, bytes | Path], write_row: Callable, event: str) -> dict[str, str]:
+        """Stage + publish blobs, then run write_row(conn, digests) -> the card written, in one transaction,
+        and record `event` for the listeners (`self.changes.dispatch()` tells them, after the lock).
 
         On any failure, the staging files and the blobs this call published are removed: under the
         pool lock no committed row can reference a blob that was absent before this call. A write
@@ -112,7 +128,8 @@ class ExpertPool:
                     self.store.publish(digest, tmp)
                     digests[role] = digest
                 with self.registry.begin() as conn:
-                    write_row(conn, digests)
+                    card = write_row(conn, digests)
+                self.changes.record(event, card.name, card.to_row()["body"])
                 return digests
             except BaseException as e:
                 self.store.clear_staging()
@@ -190,9 +207,10 @@ class ExpertPool:
                 self.registry.insert(conn, card)
             except IntegrityError:
                 raise NameTakenError(f"an expert named {card.name!r} already exists") from None
+            return card
 
-        self._commit(blobs, write_row)
-        self._notify("added", card.name)
+        self._commit(blobs, write_row, "added")
+        self.changes.dispatch()
         return card
 
     def register_lora(self, folder: Path, name: str, description: str = "", *, tags: list[str] | None = None,
@@ -254,11 +272,12 @@ class ExpertPool:
                 raise UnknownExpertError(f"no expert named {name!r}")
             card.artifacts.update(digests)
             self.registry.replace(conn, card)
+            return card
 
-        self._commit(blobs, write_row)
+        self._commit(blobs, write_row, "updated")
         with self.locked():
             self.store.sweep(self.registry.referenced_digests())
-        self._notify("updated", name)
+        self.changes.dispatch()
         return card
 
     def remove(self, name: str) -> None:
@@ -266,10 +285,13 @@ class ExpertPool:
         with self.locked():
             with self.registry.begin() as conn:
                 self.registry.delete(conn, name)
+            self.changes.record("removed", name, None)
             self.store.sweep(self.registry.referenced_digests())
-        self._notify("removed", name)
+        self.changes.dispatch()
 
     def close(self) -> None:
+        """Stop looking for other processes' changes and close the registry's connections."""
+        self.changes.close()
         self.registry.close()
 
 
@@ -286,5 +308,6 @@ def open_pool(settings=None, **kwargs) -> ExpertPool:
         return base_spec_from_folder(str(folder), s.base_model_id)
 
     return ExpertPool(s.pool_path, s.registry_url, base_spec_loader=loader, max_rank=s.max_lora_rank,
-                      max_upload_bytes=s.max_upload_bytes, busy_timeout_s=s.registry_busy_timeout_s, **kwargs)
+                      max_upload_bytes=s.max_upload_bytes, busy_timeout_s=s.registry_busy_timeout_s,
+                      poll_s=s.pool_poll_s, **kwargs)
 

@@ -1,19 +1,26 @@
 """The registry of expert cards: one table behind a SQLAlchemy URL (SQLite or PostgreSQL).
 
-SQLite waits at most `busy_timeout_s` for another connection's lock; past it, and on a full disk,
-every call raises a typed error (RegistryBusyError, 503; StorageFullError, 507) instead of
-sqlite3's OperationalError.
+SQLite (its busy timeout) and PostgreSQL (`lock_timeout`) wait at most `busy_timeout_s` for another
+connection's lock; past it, and on a full disk, every call raises a typed error (RegistryBusyError,
+503; StorageFullError, 507) instead of the driver's OperationalError.
+
+Every write also bumps a one-row pool version in the same transaction, so a process can see that
+another one changed the pool by reading one integer. On PostgreSQL, `exclusive()` is an advisory
+lock that serialises the writers of every process and host sharing the database.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
-from sqlalchemy import Column, Float, MetaData, String, Table, Text, create_engine, delete, insert, select, update
+from sqlalchemy import (BigInteger, Column, Float, Integer, MetaData, String, Table, Text, create_engine, delete,
+                        func, insert, select, update)
 from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import IntegrityError, OperationalError
 
 from moerge.experts.card import ExpertCard
 from moerge.experts.errors import RegistryBusyError, StorageFullError
@@ -27,26 +34,64 @@ experts_table = Table(
     Column("created_at", Float, nullable=False),
     Column("body", Text, nullable=False),
 )
+# one row (id 1): bumped by every insert, replace and delete, in the writer's transaction
+pool_version_table = Table(
+    "pool_version",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("version", BigInteger, nullable=False),
+)
+
+# The PostgreSQL advisory lock key of the pool: one pool per database, so one fixed key.
+POOL_LOCK_KEY = int.from_bytes(hashlib.sha256(b"moerge expert pool").digest()[:8], "big", signed=True)
+
+Fingerprint = tuple[float, str]  # (created_at, sha256 of the stored row): a new created_at is a new expert
+
+
+def fingerprint(body: str) -> Fingerprint:
+    return float(json.loads(body)["created_at"]), hashlib.sha256(body.encode()).hexdigest()
 
 
 class Registry:
     def __init__(self, url: str, busy_timeout_s: float = 5.0):
         self.url = url
         self.busy_timeout_s = busy_timeout_s
-        kwargs = {"connect_args": {"timeout": busy_timeout_s}} if url.startswith("sqlite") else {}
+        self.is_postgres = url.startswith("postgresql")
+        if url.startswith("sqlite"):
+            kwargs = {"connect_args": {"timeout": busy_timeout_s}}
+        elif self.is_postgres:  # lock waits (rows, tables, the advisory lock) end in 55P03 past the timeout
+            kwargs = {"connect_args": {"options": f"-c lock_timeout={max(1, round(busy_timeout_s * 1000))}"}}
+        else:
+            kwargs = {}
         self.engine: Engine = create_engine(url, future=True, **kwargs)
         with self.typed_errors():
-            metadata.create_all(self.engine)
+            self._create_tables()
+
+    def _create_tables(self) -> None:
+        """The tables and the version row; on PostgreSQL under a transaction-level advisory lock, so that
+        replicas starting together do not race on CREATE TABLE."""
+        with self.engine.begin() as conn:
+            if self.is_postgres:
+                conn.execute(select(func.pg_advisory_xact_lock(POOL_LOCK_KEY)))
+            metadata.create_all(conn)
+        try:
+            with self.engine.begin() as conn:
+                if conn.execute(select(pool_version_table.c.version)).first() is None:
+                    conn.execute(insert(pool_version_table).values(id=1, version=0))
+        except IntegrityError:  # another SQLite process inserted it first
+            pass
 
     @contextlib.contextmanager
     def typed_errors(self) -> Iterator[None]:
-        """SQLite's "database is locked" and "database or disk is full" as the errors a client can act on."""
+        """SQLite's "database is locked" and "database or disk is full", and PostgreSQL's lock timeout, as the
+        errors a client can act on."""
         try:
             yield
         except OperationalError as e:
             code = getattr(e.orig, "sqlite_errorname", "")
             text = str(e.orig).lower()
-            if code == "SQLITE_BUSY" or "database is locked" in text:
+            pg_lock_timeout = getattr(e.orig, "sqlstate", "") == "55P03"  # lock_not_available
+            if code == "SQLITE_BUSY" or "database is locked" in text or pg_lock_timeout:
                 raise RegistryBusyError(
                     f"the expert registry is busy: another process has held its database lock for over "
                     f"{self.busy_timeout_s:g} s (registry_busy_timeout_s); nothing was changed: send the "
@@ -56,6 +101,30 @@ class Registry:
                     f"no space left on the device holding the expert registry ({self.engine.url.database}); "
                     "nothing was registered: free some space there and send the request again") from e
             raise
+
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator[None]:
+        """On PostgreSQL, the pool's session-level advisory lock, held by one connection until the block
+        ends (or the process dies: the server drops a closed session's locks). Waits at most
+        `busy_timeout_s` (lock_timeout), then RegistryBusyError. On SQLite, nothing: the pool's flock
+        is the lock."""
+        if not self.is_postgres:
+            yield
+            return
+        conn = self.engine.connect()
+        try:
+            with self.typed_errors():
+                conn.execute(select(func.pg_advisory_lock(POOL_LOCK_KEY)))
+                conn.commit()  # the lock outlives the transaction; no session idles in one
+            yield
+        finally:
+            try:
+                conn.rollback()
+                conn.execute(select(func.pg_advisory_unlock_all()))
+                conn.commit()
+            except Exception:
+                conn.invalidate()  # a closed session holds no lock
+            conn.close()
 
     @contextlib.contextmanager
     def begin(self) -> Iterator[Connection]:
@@ -85,14 +154,33 @@ class Registry:
     def insert(self, conn: Connection, card: ExpertCard) -> None:
         with self.typed_errors():
             conn.execute(insert(experts_table).values(**card.to_row()))
+            self._bump(conn)
 
     def replace(self, conn: Connection, card: ExpertCard) -> None:
         with self.typed_errors():
             conn.execute(update(experts_table).where(experts_table.c.name == card.name).values(**card.to_row()))
+            self._bump(conn)
 
     def delete(self, conn: Connection, name: str) -> None:
         with self.typed_errors():
             conn.execute(delete(experts_table).where(experts_table.c.name == name))
+            self._bump(conn)
+
+    @staticmethod
+    def _bump(conn: Connection) -> None:
+        conn.execute(update(pool_version_table).where(pool_version_table.c.id == 1)
+                     .values(version=pool_version_table.c.version + 1))
+
+    def version(self) -> int:
+        """The pool version: it moves with every committed write, by any process."""
+        with self.typed_errors(), self.engine.connect() as c:
+            return int(c.execute(select(pool_version_table.c.version)).scalar_one())
+
+    def fingerprints(self) -> dict[str, Fingerprint]:
+        """name -> fingerprint of every stored row (what a process compares to see what others changed)."""
+        with self.typed_errors(), self.engine.connect() as c:
+            rows = c.execute(select(experts_table.c.name, experts_table.c.body)).all()
+        return {name: fingerprint(body) for name, body in rows}
 
     def referenced_digests(self) -> set[str]:
         return {d for card in self.list() for d in card.artifacts.values()}

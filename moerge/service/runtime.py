@@ -94,7 +94,8 @@ class Runtime:
     def plan(self, model: str, messages: list[dict]) -> RequestPlan:
         """The routing decision and its execution plan. A routed request whose decision named an
         expert that was removed before the plan was made (a registration race) is routed again,
-        up to twice; the client did not ask for that expert, so it must not see its 404. A pinned
+        up to twice, after reading other replicas' changes (so routers here drop an expert another
+        replica removed); the client did not ask for that expert, so it must not see its 404. A pinned
         request for a removed expert keeps the 404."""
         routed = model == "auto" or model.startswith("moerge:")
         for attempt in range(3):
@@ -105,6 +106,8 @@ class Runtime:
                 if not routed or attempt == 2:
                     raise
                 self.rerouted += 1
+                # removed by another replica? then this one's routers learn it now, not at the next poll
+                self.system.pool.changes.poll_or_log()
         raise AssertionError("unreachable")
 
     def generate(self, messages: list[dict], params: SamplingParams, rp: RequestPlan) -> Generation:

@@ -201,8 +201,10 @@ def _maps_by_process(pid: int) -> dict[str, dict]:
 def _map_kind(path: str, size_mib: float) -> str:
     if path == "[heap]":
         return "brk heap"
-    if path.startswith("/") or path.startswith("[") and path != "":
-        return "file" if path.startswith("/") else path
+    if path.startswith("/"):
+        return "file"
+    if path.startswith("["):
+        return path                      # [stack], [vdso], ...
     # glibc's per-thread arenas reserve 64 MiB regions; bigger anonymous maps are single large allocations
     return "anon <=64M" if size_mib <= 64.5 else "anon large"
 

@@ -76,7 +76,10 @@ def test_registration_under_another_process_lock_is_refused_in_bounded_time_and_
 
     def watch():
         while not stop.is_set():
-            seen.update(_new_blobs(root, before))
+            try:
+                seen.update(_new_blobs(root, before))
+            except FileNotFoundError:       # a blob folder removed while being listed: look again
+                pass
             time.sleep(0.005)
 
     with held_lock(root / "registry.sqlite", mode):

@@ -40,6 +40,8 @@ from pathlib import Path
 import gevent
 import psutil
 
+from moerge.executors.memory import smaps
+
 CHAT_KINDS = {"base": ["base"], "adapter": ["arith_add", "uppercase", "capital_of"],
               "token-arrow": ["moerge:arrow"], "token-phatgoose": ["moerge:phatgoose"]}
 PROMPTS = ["What is 345 + 210? Answer with the number only.", "Convert to upper case: the cat sat on the mat",
@@ -164,26 +166,6 @@ def _rss_mib(pid: int) -> tuple[float, float]:
         return float("nan"), float("nan")
 
 
-def _smaps(pid: int) -> dict[tuple[str, str], tuple[float, float]]:
-    """{(address range, path): (mapping size, resident), in MiB} from /proc/PID/smaps."""
-    out, key, size = {}, None, 0.0
-    try:
-        with open(f"/proc/{pid}/smaps") as f:
-            for line in f:
-                head = line.split()
-                if not head:
-                    continue
-                if "-" in head[0] and not head[0].endswith(":"):        # a mapping's header line
-                    key = (head[0], head[5] if len(head) > 5 else "")
-                elif head[0] == "Size:":
-                    size = int(head[1]) / 1024
-                elif head[0] == "Rss:" and key is not None:
-                    out[key] = (size, int(head[1]) / 1024)
-    except OSError:
-        pass
-    return out
-
-
 def _maps_by_process(pid: int) -> dict[str, dict]:
     """smaps of the service process and of each of its descendants, by 'service' / 'engine:<name>'."""
     procs = {"service": pid}
@@ -195,7 +177,7 @@ def _maps_by_process(pid: int) -> dict[str, dict]:
                 pass
     except psutil.Error:
         pass
-    return {who: _smaps(p) for who, p in procs.items()}
+    return {who: smaps(p) for who, p in procs.items()}
 
 
 def _map_kind(path: str, size_mib: float) -> str:

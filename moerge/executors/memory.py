@@ -30,23 +30,32 @@ def _libc():
 _LIBC = _libc()
 
 
-def rss_breakdown(pid: int | None = None) -> dict[str, float]:
-    """Resident MiB of a process: total, the brk heap (glibc's main arena), anonymous mappings, files."""
-    out = {"total": 0.0, "heap": 0.0, "anon": 0.0, "file": 0.0}
-    name = ""
+def smaps(pid: int | None = None) -> dict[tuple[str, str], tuple[float, float]]:
+    """{(address range, path): (mapping size, resident)} in MiB, from /proc/PID/smaps ({} if unreadable)."""
+    out, key, size = {}, None, 0.0
     try:
         with open(f"/proc/{pid or os.getpid()}/smaps") as f:
             for line in f:
                 head = line.split()
-                if head and "-" in head[0] and not head[0].endswith(":"):
-                    name = head[5] if len(head) > 5 else ""
-                elif head and head[0] == "Rss:":
-                    mib = int(head[1]) / 1024
-                    out["total"] += mib
-                    kind = "heap" if name == "[heap]" else "file" if name.startswith("/") else "anon"
-                    out[kind] += mib
+                if not head:
+                    continue
+                if "-" in head[0] and not head[0].endswith(":"):        # a mapping's header line
+                    key = (head[0], head[5] if len(head) > 5 else "")
+                elif head[0] == "Size:":
+                    size = int(head[1]) / 1024
+                elif head[0] == "Rss:" and key is not None:
+                    out[key] = (size, int(head[1]) / 1024)
     except OSError:
         pass
+    return out
+
+
+def rss_breakdown(pid: int | None = None) -> dict[str, float]:
+    """Resident MiB of a process: total, the brk heap (glibc's main arena), anonymous mappings, files."""
+    out = {"total": 0.0, "heap": 0.0, "anon": 0.0, "file": 0.0}
+    for (_, path), (_, rss) in smaps(pid).items():
+        out["total"] += rss
+        out["heap" if path == "[heap]" else "file" if path.startswith("/") else "anon"] += rss
     return {k: round(v, 1) for k, v in out.items()}
 
 

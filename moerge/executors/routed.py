@@ -173,7 +173,7 @@ class RoutedEngine:
     def encode_chat(self, messages: list[dict]) -> list[int]:
         return encode_chat(self.tok, messages)
 
-    def generate_batch(self, prompts: list[list[int]], plans: list[RowPlan], params: SamplingParams) -> list[RowResult]:
+    def generate_batch(self, prompts: list[list[int]], plans: list, params: SamplingParams) -> list[RowResult]:
         """Greedy (or seeded sampling) decode of a batch; each row follows its own plan."""
         it = self.iter_batch(prompts, plans, params)
         while True:
@@ -182,7 +182,7 @@ class RoutedEngine:
             except StopIteration as stop:
                 return stop.value
 
-    def iter_batch(self, prompts: list[list[int]], plans: list[RowPlan], params: SamplingParams):
+    def iter_batch(self, prompts: list[list[int]], plans: list, params: SamplingParams):
         """Decode step by step: yields the list of (row, token) accepted at each step and
         returns the RowResults. Holds the generation lock until exhausted or closed. `plans` may be
         execution plans: they become row plans under the lock, so no other request restacks the

@@ -59,7 +59,6 @@ class PlanAdapters:
         if not (self._blank / "adapter_model.safetensors").exists():
             self._write_blank(model_dir)
         self._shared: dict[str, int] = {}               # plan signature -> its shared LoRA id
-        self._sig_of: dict[int, str] = {}
         self._names_of: dict[int, frozenset[str]] = {}  # shared LoRA id -> the expert names its plan uses
         self._inflight: dict[int, int] = {}             # LoRA id -> requests running with it
         self._doomed: dict[int, str] = {}               # shared id of a removed expert's plan -> that expert
@@ -92,7 +91,6 @@ class PlanAdapters:
                 sig = plan.signature()
                 if sig not in self._shared:
                     self._shared[sig] = next(self._ids)
-                    self._sig_of[self._shared[sig]] = sig
                     self._names_of[self._shared[sig]] = frozenset(r.name for r in plan.experts)
                 lora_id = self._shared[sig]
             self._inflight[lora_id] = self._inflight.get(lora_id, 0) + 1
@@ -122,10 +120,11 @@ class PlanAdapters:
         """Expert `name` left the pool: no new request gets the shared plans that use it. Returns the
         ones idle now (to drop from the engine); the busy ones come back from `done` when they end."""
         with self._lock:
-            ids = [i for i, names in self._names_of.items() if name in names]
-            for i in ids:
-                del self._shared[self._sig_of.pop(i)]
-                del self._names_of[i]
+            ids = []
+            for sig, i in list(self._shared.items()):
+                if name in self._names_of[i]:
+                    del self._shared[sig], self._names_of[i]
+                    ids.append(i)
             self._doomed.update((i, name) for i in ids if self._inflight.get(i, 0) > 0)
             return [i for i in ids if self._inflight.get(i, 0) == 0]
 

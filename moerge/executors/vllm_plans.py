@@ -161,14 +161,17 @@ class PluginState:
             if victim is None:
                 raise RuntimeError(f"more than {self.capacity} experts are in use at once: raise "
                                    "max_resident_experts or send fewer distinct experts per batch")
-            del self.resident[victim]
-            del self.slot[victim]
-            self.evictions += 1
-            self._tables.clear()
+            self._evict(victim)
         self.resident[ref.key] = load_expert(ref)
         self.slot[ref.key] = self._next_slot
         self._next_slot += 1
         self.loads += 1
+
+    def _evict(self, key: str) -> None:
+        del self.resident[key]
+        del self.slot[key]
+        self.evictions += 1
+        self._tables.clear()
 
     def forget(self, lora_ids: list[int], name: str | None) -> dict:
         """Drop these plans, and every resident version of expert `name` that no remaining plan uses."""
@@ -180,11 +183,7 @@ class PluginState:
                 busy = {r.key for p in self.plans.values() for r in p.experts}
                 experts = [k for k, ex in self.resident.items() if ex.ref.name == name and k not in busy]
                 for k in experts:
-                    del self.resident[k]
-                    del self.slot[k]
-                    self.evictions += 1
-                if experts:
-                    self._tables.clear()
+                    self._evict(k)
             return {"plans": len(plans), "experts": experts}
 
     def drop_plan(self, lora_id: int) -> WorkerPlan | None:

@@ -48,9 +48,30 @@ def _litellm():
     return litellm
 
 
+_TIMEOUT_NAMES = ("Timeout", "APITimeoutError", "ReadTimeout", "TimeoutException", "ServerTimeoutError",
+                  "SocketTimeoutError", "ConnectionTimeoutError")
+
+
 def _timed_out(e: BaseException) -> bool:
-    return (isinstance(e, TimeoutError) or type(e).__name__ in ("Timeout", "APITimeoutError", "ReadTimeout")
-            or "timed out" in str(e).lower())
+    """Whether `e`, or anything it wraps, is a timeout.
+
+    LiteLLM wraps transport errors in its own (`MidStreamFallbackError` around `APIConnectionError`
+    around aiohttp's `SocketTimeoutError`, for one), sometimes only as text, so the chain of causes,
+    `original_exception` attributes and the messages are all looked at."""
+    seen: set[int] = set()
+    todo = [e]
+    while todo:
+        x = todo.pop()
+        if x is None or id(x) in seen:
+            continue
+        seen.add(id(x))
+        if isinstance(x, TimeoutError) or type(x).__name__ in _TIMEOUT_NAMES:
+            return True
+        text = str(x).lower()
+        if "timed out" in text or "timeout on reading" in text or "read timeout" in text:
+            return True
+        todo += [x.__cause__, x.__context__, getattr(x, "original_exception", None)]
+    return False
 
 
 class RemoteModelExecutor:

@@ -124,6 +124,7 @@ def create_app(runtime: Runtime) -> FastAPI:
     app.state.metrics = metrics
     inflight = InflightLimit(runtime.settings.max_inflight)
     app.state.inflight = inflight
+    metrics.inflight.set_function(lambda: inflight.open)
     app.add_middleware(RequestLimits, limits=KeyedLimits(runtime.settings, keys))
     redact_access_log()
     if runtime.settings.cors_origins:   # off unless origins are listed: no CORS headers at all
@@ -151,6 +152,7 @@ def create_app(runtime: Runtime) -> FastAPI:
         metrics.routing.labels(plan.method).observe(plan.decision.latency_ms / 1000)
         for name in plan.decision.chosen[:16] if not plan.decision.abstained else ["(base)"]:
             metrics.expert_use.labels(name).inc()
+        metrics.count_decision(plan.method, plan.decision.chosen, plan.decision.abstained)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError):
@@ -235,6 +237,7 @@ def create_app(runtime: Runtime) -> FastAPI:
         finally:
             slot.release()
         metrics.count_tokens(gen.prompt_tokens, gen.completion_tokens)
+        metrics.count_layer_usage(plan.layer_usage)
         headers = plan.headers()  # a remote fallback may have changed the plan
         body = {
             "id": cid, "object": "chat.completion", "created": created, "model": req.model,
@@ -268,6 +271,7 @@ async def _sse(runtime: Runtime, metrics: Metrics, messages, params, plan, model
                     usage = {"prompt_tokens": delta.prompt_tokens, "completion_tokens": delta.completion_tokens,
                              "total_tokens": delta.prompt_tokens + delta.completion_tokens}
                     metrics.count_tokens(delta.prompt_tokens, delta.completion_tokens)
+                    metrics.count_layer_usage(plan.layer_usage)
                     # again with the routing explanation: token-level usage is only known now
                     yield chunk({}, finish=delta.finish_reason, usage=usage, moerge=plan.info())
     except TimeoutError:

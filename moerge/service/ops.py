@@ -10,7 +10,7 @@ import threading
 import time
 from collections import defaultdict
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from moerge.config import Settings
 from moerge.experts.errors import ExpertError
@@ -127,7 +127,28 @@ class Metrics:
         self.tokens = Counter("moerge_tokens_total", "tokens", ["kind"], registry=self.registry)
         self.expert_use = Counter("moerge_expert_requests_total", "requests served per expert", ["expert"],
                                   registry=self.registry)
+        # the dashboard's routing, abstain, per-layer usage and queue panels (deploy/grafana/dashboards/moerge.json)
+        self.decisions = Counter("moerge_routing_decisions_total", "routing decisions per method and chosen expert "
+                                 "('(base)' when the router abstained)", ["method", "expert"], registry=self.registry)
+        self.abstains = Counter("moerge_routing_abstain_total", "routing decisions that abstained (the base model "
+                                "answered)", ["method"], registry=self.registry)
+        self.layer_usage = Counter("moerge_layer_expert_usage_total", "token-level routing: each expert's share of "
+                                   "a request's routing mass per layer, summed over requests", ["layer", "expert"],
+                                   registry=self.registry)
+        self.inflight = Gauge("moerge_inflight_requests", "chat requests admitted and not yet answered (the "
+                              "max_inflight limiter's count)", registry=self.registry)
 
     def count_tokens(self, prompt: int, completion: int) -> None:
         self.tokens.labels("prompt").inc(prompt)
         self.tokens.labels("completion").inc(completion)
+
+    def count_decision(self, method: str, chosen: list[str], abstained: bool) -> None:
+        for name in chosen[:16] if not abstained else ["(base)"]:
+            self.decisions.labels(method, name).inc()
+        if abstained:
+            self.abstains.labels(method).inc()
+
+    def count_layer_usage(self, usage: dict[int, dict[str, float]]) -> None:
+        for layer, shares in usage.items():
+            for expert, share in shares.items():
+                self.layer_usage.labels(str(layer), expert).inc(share)

@@ -374,7 +374,7 @@ def chat(prompt: str, model: str = typer.Option("auto", "--model", "-m", help="a
 @app.command()
 @_guard
 def serve(host: Optional[str] = typer.Option(None), port: Optional[int] = typer.Option(None),
-          executor: Optional[str] = typer.Option(None, help="vllm | reference")) -> None:
+          executor: Optional[str] = typer.Option(None, help="vllm | servers | reference")) -> None:
     """Start the OpenAI-compatible service."""
     import uvicorn
 

@@ -69,7 +69,15 @@ class Settings(BaseSettings):
 
     host: str = "127.0.0.1"
     port: int = 8000
-    executor: str = Field(default="vllm", description="vllm | reference")
+    executor: str = Field(default="vllm", description="vllm | reference | servers. servers: the vLLM OpenAI servers "
+                          "at engine_urls run base and single-adapter plans (placing adapters on them), the "
+                          "reference engine the rest; it is the default when engine_urls is set and executor is not")
+    engine_urls: list[str] = Field(default_factory=list, description="vLLM OpenAI servers used as engines "
+                                   "(MOERGE_ENGINE_URLS='[\"http://127.0.0.1:8001\"]'); each started with --enable-lora "
+                                   "and VLLM_ALLOW_RUNTIME_LORA_UPDATING=True, on a host that sees the pool folder "
+                                   "(docs/deployment.md)")
+    engine_max_loras: int = Field(default=4, ge=1, description="adapter slots per engine server: must match the "
+                                  "servers' --max-loras")
     vllm_max_experts: int = Field(default=64, ge=1, description="LoRA experts resident in the vLLM engine at "
                                   "once (least recently used ones not in flight are evicted past that)")
     vllm_max_lora_rank: int = Field(default=64, ge=1, description="largest expert rank vLLM serves (higher "
@@ -79,6 +87,14 @@ class Settings(BaseSettings):
     vllm_cpu_threads: str = Field(default="auto", description="vLLM CPU compute cores: auto (vLLM's default: "
                                   "on this 2-core machine one core, the other reserved) | all | a list like 0-3")
     routing_method: str = Field(default="glider-global", description="method used for model=auto")
+
+    @field_validator("engine_urls")
+    @classmethod
+    def _urls(cls, v: list[str]) -> list[str]:
+        bad = [u for u in v if not u.startswith(("http://", "https://"))]
+        if bad:
+            raise ValueError(f"engine urls must be http(s)://host:port, not {bad}")
+        return [u.rstrip("/") for u in v]
 
     @field_validator("vllm_cpu_threads")
     @classmethod

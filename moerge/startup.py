@@ -185,7 +185,8 @@ def start(settings: Settings, *, executor: str | None = None, pool_dir=None, bun
           with_router: bool = True, with_writer: bool = True, vllm_options: dict | None = None,
           progress: Callable[[str], None] = print) -> System:
     """Start what `settings` describe. `executor`: "vllm" (vLLM first, the reference engine for what
-    vLLM cannot run and while it starts) or "reference" (only the reference engine).
+    vLLM cannot run and while it starts), "servers" (the vLLM OpenAI servers at `engine_urls` first, for
+    base and adapter plans; the default when engine_urls is set) or "reference" (only the reference engine).
     `pool_dir` gives a private pool (SQLite inside it) instead of the configured one."""
     from moerge.assets import ensure_assets
     from moerge.experts.pool import open_pool
@@ -207,7 +208,17 @@ def start(settings: Settings, *, executor: str | None = None, pool_dir=None, bun
     from moerge.executors.remote import RemoteModelExecutor
     local = [ReferenceExecutor(assets.base_model)]
     kind = executor or settings.executor
-    if kind == "vllm":
+    if kind == "vllm" and executor is None and settings.engine_urls and "executor" not in settings.model_fields_set:
+        kind = "servers"
+    if kind == "servers":
+        from moerge.executors.vllm_servers import VllmServersExecutor
+        if not settings.engine_urls:
+            raise ValueError("executor 'servers' needs engine_urls: set MOERGE_ENGINE_URLS to a JSON list of vLLM "
+                             "OpenAI server URLs")
+        local.insert(0, VllmServersExecutor(settings.engine_urls, assets.base_model,
+                                            max_loras=settings.engine_max_loras,
+                                            max_lora_rank=settings.vllm_max_lora_rank))
+    elif kind == "vllm":
         from moerge.executors.vllm_engine import VllmExecutor
         opts = dict(max_resident_experts=settings.vllm_max_experts, max_lora_rank=settings.vllm_max_lora_rank,
                     max_num_seqs=settings.vllm_max_num_seqs, dtype=settings.vllm_dtype,
@@ -215,7 +226,7 @@ def start(settings: Settings, *, executor: str | None = None, pool_dir=None, bun
         opts.update(vllm_options or {})
         local.insert(0, VllmExecutor(assets.base_model, **opts))
     elif kind != "reference":
-        raise ValueError(f"executor {kind!r} is not available: use vllm or reference")
+        raise ValueError(f"executor {kind!r} is not available: use vllm, servers or reference")
     system = System(settings, assets, pool, local, RemoteModelExecutor(timeout=settings.remote_timeout_s))
     pool.on_change(system.on_pool_change)
     if with_router:

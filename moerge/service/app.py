@@ -121,6 +121,7 @@ def create_app(runtime: Runtime) -> FastAPI:
     keys = KeyCheck(runtime.settings)
     limiter = RateLimiter(runtime.settings.rate_limit_per_minute)
     metrics = Metrics()
+    metrics.watch_engines(lambda: getattr(getattr(runtime, "system", None), "local", None))
     app.state.metrics = metrics
     inflight = InflightLimit(runtime.settings.max_inflight)
     app.state.inflight = inflight

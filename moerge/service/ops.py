@@ -138,6 +138,11 @@ class Metrics:
         self.inflight = Gauge("moerge_inflight_requests", "chat requests admitted and not yet answered (the "
                               "max_inflight limiter's count)", registry=self.registry)
 
+    def watch_engines(self, engines) -> None:
+        """Adapter placement on the vLLM servers, read from the engines at each scrape: `engines()` gives the
+        system's local executors; those with `placement()` (the servers executor) are reported."""
+        self.registry.register(EnginePlacementCollector(engines))
+
     def count_tokens(self, prompt: int, completion: int) -> None:
         self.tokens.labels("prompt").inc(prompt)
         self.tokens.labels("completion").inc(completion)
@@ -152,3 +157,46 @@ class Metrics:
         for layer, shares in usage.items():
             for expert, share in shares.items():
                 self.layer_usage.labels(str(layer), expert).inc(share)
+
+
+class EnginePlacementCollector:
+    """moerge_engine_* metrics of the vLLM servers executor (moerge/executors/vllm_servers.py)."""
+
+    def __init__(self, engines):
+        self.engines = engines
+
+    def describe(self):
+        return []       # names are known only at collection time: no duplicate check at registration
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+        loads = CounterMetricFamily("moerge_engine_adapter_loads_total", "adapters loaded on an engine server",
+                                    labels=["engine"])
+        unloads = CounterMetricFamily("moerge_engine_adapter_unloads_total", "adapters unloaded from an engine "
+                                      "server (lru: evicted for another; removed: its expert left the pool; "
+                                      "reconcile: more than engine_max_loras found at start)", labels=["engine", "reason"])
+        held = GaugeMetricFamily("moerge_engine_adapters", "adapters an engine server holds", labels=["engine"])
+        placed = GaugeMetricFamily("moerge_engine_adapter_placement", "1 for each adapter an engine server holds",
+                                   labels=["engine", "adapter"])
+        up = GaugeMetricFamily("moerge_engine_up", "1 when the engine server answers its health check",
+                               labels=["engine"])
+        inflight = GaugeMetricFamily("moerge_engine_inflight", "requests running on an engine server",
+                                     labels=["engine"])
+        for ex in self.engines() or []:
+            placement = getattr(ex, "placement", None)
+            if placement is None:
+                continue
+            try:
+                servers = placement()
+            except Exception:  # noqa: BLE001 - a stopped executor must not break the scrape
+                continue
+            for e in servers:
+                loads.add_metric([e["url"]], e["loads"])
+                for reason in ("lru", "removed", "reconcile"):
+                    unloads.add_metric([e["url"], reason], e["unloads"].get(reason, 0))
+                held.add_metric([e["url"]], len(e["adapters"]))
+                for key in e["adapters"]:
+                    placed.add_metric([e["url"], key], 1)
+                up.add_metric([e["url"]], 1 if e["up"] else 0)
+                inflight.add_metric([e["url"]], e["inflight"])
+        yield from (loads, unloads, held, placed, up, inflight)

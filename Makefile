@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install assets run test test-fast aims bench reliability experts eval clean
+.PHONY: install assets run test test-fast aims bench reliability experts eval clean stack
 
 $(STAMP): constraints.txt pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found (moerge needs Python 3.11)"; exit 1; }
@@ -31,6 +31,13 @@ assets: install
 
 run: assets
 	$(VENV)/bin/moerge serve
+
+# the compose stack's topology natively, on loopback (docs/deployment.md, "Native stack"): PostgreSQL, a vLLM
+# server, two replicas, nginx, Prometheus; runs in the background, logs in runs/stack/logs.
+# `bash scripts/stack.sh stop runs/stack` ends it
+stack: assets
+	bash scripts/stack.sh install
+	bash scripts/stack.sh start runs/stack
 
 test: assets
 	bash scripts/ensure_chromium.sh

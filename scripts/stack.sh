@@ -242,6 +242,7 @@ NGINX_EXPORTER_URL=http://127.0.0.1:$p_nginx_exp/metrics
 POSTGRES_EXPORTER_URL=http://127.0.0.1:$p_pg_exp/metrics
 DATABASE_URL=$db_url
 POOL_DIR=$dir/pool
+POOL_POLL_S=${MOERGE_POOL_POLL_S:-1}
 EOF
 
   wait_http prometheus "http://127.0.0.1:$p_prom/-/ready" "$deadline"

@@ -75,7 +75,8 @@ def stack():
     try:
         if started.returncode != 0:
             pytest.fail(f"scripts/stack.sh start failed ({started.returncode}):\n{started.stderr[-3000:]}")
-        print(f"\nstack started in {time.monotonic() - t0:.0f} s:\n{started.stdout}")
+        print(f"\nstack started in {time.monotonic() - t0:.0f} s ({started.stderr.strip().splitlines()[-1]}):\n"
+              f"{started.stdout}")
         yield Stack(folder, _read_env(folder / "stack.env"))
     finally:
         subprocess.run(["bash", str(STACK), "stop", str(folder)], capture_output=True, timeout=180)
@@ -142,7 +143,7 @@ def test_dashboard_queries_use_only_metrics_the_stack_exports(stack):
     exported = {family(m["metric"]) for m in r.json()["data"]}
     assert {"moerge_requests_total", "vllm:num_requests_waiting", "nginx_up", "pg_up"} <= {
         m["metric"] for m in r.json()["data"]}, "the metadata of every kind of target is there"
-    used = dashboard_metrics(json.loads(DASHBOARD.read_text()))
+    used = dashboard_metrics(json.loads(DASHBOARD.read_text())) - {"up"}     # up: Prometheus's own, per scrape
     assert used and not {m for m in used if family(m) not in exported}
 
 
@@ -162,6 +163,8 @@ def test_registration_on_one_replica_is_routed_by_the_other_in_time_and_removal_
         answer = chat(on_b, model)
         assert answer.status_code == 200, answer.text
         assert answer.json()["moerge"]["chosen"] == ["stack-pirate"]
+        # the adapter ran on the stack's engine (the vLLM server, with the servers executor)
+        assert answer.headers["x-moerge-engine"] == stack.env["STACK_EXECUTOR"], answer.headers
 
     gone = httpx.delete(f"{stack.replicas[a]}/v1/experts/stack-pirate", timeout=60)
     assert gone.status_code == 200, gone.text
@@ -282,6 +285,10 @@ def test_a_replica_killed_mid_traffic_fails_only_its_requests_in_flight(stack):
     after = [r for r in records if r["start"] > killed]
     assert after and all(r["ok"] and r["replica"] == "b" for r in after), [r for r in after if not r["ok"]]
     print(f"\n{len(records)} requests: {len(failed)} failed, all open on the killed replica; {len(after)} after the kill, all served by b")
+    if stack.env["STACK_EXECUTOR"] == "servers":      # and the answers came from the vLLM server
+        served = sum(float(v) for v in re.findall(r"^vllm:request_success_total\{[^}]*\} ([0-9.e+]+)$",
+                                                  httpx.get(stack.env["VLLM_URL"] + "/metrics").text, re.M))
+        assert served >= len(records) - len(failed)
 
 
 def _live_pids_in_groups(groups: set[int]) -> list[str]:

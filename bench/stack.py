@@ -16,6 +16,7 @@ import argparse
 import asyncio
 import json
 import os
+import random
 import statistics
 import subprocess
 import sys
@@ -72,7 +73,7 @@ def visibility(env: dict, rounds: int, adapter: Path) -> dict:
     a, b = env["REPLICA_A_URL"], env["REPLICA_B_URL"]
     files = [("files", (p.name, p.read_bytes(), "application/octet-stream")) for p in sorted(adapter.iterdir())]
     route = {"model": "moerge:embed", "messages": [{"role": "user", "content": "Say this like a pirate would: hi"}]}
-    delays = []
+    delays, poll_s = [], float(env["POOL_POLL_S"])
     with httpx.Client(timeout=120) as http:
         for i in range(rounds):
             name = f"bench-pirate-{i}"
@@ -85,10 +86,11 @@ def visibility(env: dict, rounds: int, adapter: Path) -> dict:
                 time.sleep(0.01)
             delays.append(time.perf_counter() - t0)
             http.delete(f"{a}/v1/experts/{name}").raise_for_status()
-            time.sleep(0.5)     # B drops it before the next round registers the same card again
+            # B drops it before the next round; a random pause, so rounds do not start in step with B's poll
+            time.sleep(0.5 + random.uniform(0, poll_s))
     q = statistics.quantiles(delays, n=100, method="inclusive")
     return {"rounds": rounds, "p50_ms": 1000 * statistics.median(delays), "p99_ms": 1000 * q[98],
-            "max_ms": 1000 * max(delays), "poll_s": float(env["POOL_POLL_S"])}
+            "max_ms": 1000 * max(delays), "poll_s": poll_s}
 
 
 def main(argv: list[str] | None = None) -> None:

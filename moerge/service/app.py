@@ -123,6 +123,9 @@ def create_app(runtime: Runtime) -> FastAPI:
     metrics = Metrics()
     metrics.watch_engines(lambda: getattr(getattr(runtime, "system", None), "local", None))
     app.state.metrics = metrics
+    pool = getattr(runtime, "pool", None)
+    if hasattr(pool, "on_change"):   # a removed expert's series leave /metrics
+        pool.on_change(lambda event, name: metrics.forget_expert(name) if event == "removed" else None)
     inflight = InflightLimit(runtime.settings.max_inflight)
     app.state.inflight = inflight
     metrics.inflight.set_function(lambda: inflight.open)
@@ -152,7 +155,7 @@ def create_app(runtime: Runtime) -> FastAPI:
     def _observe_plan(plan) -> None:
         metrics.routing.labels(plan.method).observe(plan.decision.latency_ms / 1000)
         for name in plan.decision.chosen[:16] if not plan.decision.abstained else ["(base)"]:
-            metrics.expert_use.labels(name).inc()
+            metrics.count_expert_use(name)
         metrics.count_decision(plan.method, plan.decision.chosen, plan.decision.abstained)
 
     @app.exception_handler(RequestValidationError)

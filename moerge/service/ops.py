@@ -135,6 +135,8 @@ class Metrics:
         self.layer_usage = Counter("moerge_layer_expert_usage_total", "token-level routing: each expert's share of "
                                    "a request's routing mass per layer, summed over requests", ["layer", "expert"],
                                    registry=self.registry)
+        self._by_expert: dict[str, set] = {}     # expert -> (metric, label values) of its series
+        self._series_lock = threading.Lock()
         self.inflight = Gauge("moerge_inflight_requests", "chat requests admitted and not yet answered (the "
                               "max_inflight limiter's count)", registry=self.registry)
 
@@ -149,14 +151,36 @@ class Metrics:
 
     def count_decision(self, method: str, chosen: list[str], abstained: bool) -> None:
         for name in chosen[:16] if not abstained else ["(base)"]:
-            self.decisions.labels(method, name).inc()
+            self._series(self.decisions, name, method, name).inc()
         if abstained:
             self.abstains.labels(method).inc()
+
+    def count_expert_use(self, name: str) -> None:
+        self._series(self.expert_use, name, name).inc()
 
     def count_layer_usage(self, usage: dict[int, dict[str, float]]) -> None:
         for layer, shares in usage.items():
             for expert, share in shares.items():
-                self.layer_usage.labels(str(layer), expert).inc(share)
+                self._series(self.layer_usage, expert, str(layer), expert).inc(share)
+
+    def _series(self, metric, expert: str, *labels: str):
+        """metric.labels(*labels), remembered under `expert` so that `forget_expert` can drop it."""
+        with self._series_lock:
+            self._by_expert.setdefault(expert, set()).add((metric, labels))
+        return metric.labels(*labels)
+
+    def forget_expert(self, name: str) -> int:
+        """Drop every series labelled with a removed expert: under churn of expert names the per-expert
+        series would otherwise grow without end (in the service's memory and in Prometheus). Returns
+        how many series went."""
+        with self._series_lock:
+            series = self._by_expert.pop(name, set())
+        for metric, labels in series:
+            try:
+                metric.remove(*labels)
+            except KeyError:
+                pass
+        return len(series)
 
 
 class EnginePlacementCollector:

@@ -95,3 +95,19 @@ def test_inflight_gauge_counts_an_open_stream_and_drops_when_it_ends(server):
         for _ in lines:
             pass
     assert inflight() == 0
+
+
+@pytest.mark.real
+def test_a_removed_experts_series_leave_metrics(server):
+    """Last in this module: it removes the expert the others use."""
+    chat(server, "moerge:embed", "Say this like a pirate would: good evening")
+    chat(server, "moerge:arrow", "Say it like a pirate: the tide is turning")
+
+    def pirate_series() -> set[str]:
+        return {name for name, labels in metrics(server) if ("expert", "pirate") in labels}
+
+    assert pirate_series() >= {"moerge_routing_decisions_total", "moerge_expert_requests_total",
+                               "moerge_layer_expert_usage_total"}
+    assert httpx.delete(f"{server}/v1/experts/pirate").status_code == 200
+    assert pirate_series() == set()
+    assert any(name == "moerge_routing_decisions_total" for name, _ in metrics(server))   # others stay

@@ -17,6 +17,7 @@ import asyncio
 import json
 import os
 import random
+import shutil
 import statistics
 import subprocess
 import sys
@@ -124,6 +125,7 @@ def main(argv: list[str] | None = None) -> None:
     finally:
         if started_here:
             subprocess.run(["bash", str(STACK), "stop", str(folder)], check=False)
+            shutil.rmtree(folder, ignore_errors=True)
     out = ROOT / "runs" / "bench" / "stack.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))

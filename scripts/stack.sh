@@ -28,8 +28,7 @@ usage() { echo "usage: $0 install | start [DIR] | status [DIR] | stop [DIR]" >&2
 [ $# -ge 1 ] || usage
 cmd=$1
 dir=$(realpath -m "${2:-$ROOT/runs/stack}")
-PACKAGES=(nginx prometheus prometheus-nginx-exporter prometheus-postgres-exporter docker-compose)
-NEEDED_BINS=(nginx prometheus prometheus-nginx-exporter prometheus-postgres-exporter)
+PACKAGES=(nginx prometheus prometheus-nginx-exporter prometheus-postgres-exporter)
 PARTS=(vllm replica-a replica-b nginx nginx-exporter postgres-exporter prometheus)
 
 log() { echo "stack: $*" >&2; }
@@ -46,17 +45,23 @@ stop_default_services() {
   done
 }
 
-install() {
+apt_install() {  # apt_install PACKAGE...: those not installed yet; 1 if apt-get fails
   local missing=() p
-  for p in "${PACKAGES[@]}"; do
+  for p in "$@"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
   done
-  if [ ${#missing[@]} -gt 0 ]; then
-    [ "$(id -u)" = 0 ] || die "installing ${missing[*]} needs root (apt-get)"
-    log "apt-get install ${missing[*]}"
-    DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "${missing[@]}" >/dev/null \
-      || { apt-get update >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "${missing[@]}" >/dev/null; } \
-      || die "apt-get install ${missing[*]} failed"
+  [ ${#missing[@]} -gt 0 ] || return 0
+  [ "$(id -u)" = 0 ] || { log "installing ${missing[*]} needs root (apt-get)"; return 1; }
+  log "apt-get install ${missing[*]}"
+  DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "${missing[@]}" >/dev/null \
+    || { apt-get update >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "${missing[@]}" >/dev/null; }
+}
+
+install() {
+  apt_install "${PACKAGES[@]}" || die "could not install ${PACKAGES[*]}"
+  # only for checking docker-compose.yml (`docker-compose config` needs no daemon); the stack runs without it
+  if ! { command -v docker >/dev/null && docker compose version >/dev/null 2>&1; }; then
+    apt_install docker-compose || log "could not install docker-compose: the compose file check will be skipped"
   fi
   stop_default_services
 }
@@ -109,7 +114,7 @@ moerge_supports_servers() { grep -q "engine_urls" "$ROOT/moerge/config.py"; }
 start() {
   local t0 b
   t0=$(date +%s.%N)
-  for b in "${NEEDED_BINS[@]}" curl; do
+  for b in "${PACKAGES[@]}" curl; do
     command -v "$b" >/dev/null || die "$b is not installed: run '$0 install' first"
   done
   [ -x "$ROOT/.venv/bin/moerge" ] || die "no .venv/bin/moerge: run 'make install' first"
@@ -208,6 +213,8 @@ EOF
   nginx -t -q -c "$dir/nginx/nginx.conf" -p "$dir/nginx" 2>"$dir/logs/nginx-test.log" \
     || { cat "$dir/logs/nginx-test.log" >&2; die "nginx refused its config"; }
   spawn nginx nginx -c "$dir/nginx/nginx.conf" -p "$dir/nginx" -g "daemon off;"
+  # the nginx exporter (0.11) exits at once if stub_status does not answer yet
+  wait_http nginx "http://127.0.0.1:$p_status/stub_status" "$deadline"
   spawn nginx-exporter prometheus-nginx-exporter -nginx.scrape-uri "http://127.0.0.1:$p_status/stub_status" \
     -web.listen-address "127.0.0.1:$p_nginx_exp"
   spawn postgres-exporter env DATA_SOURCE_NAME="postgresql://moerge@127.0.0.1:$pg_port/moerge?sslmode=disable" \

@@ -70,9 +70,9 @@ def stack():
     folder = Path(tempfile.mkdtemp(prefix="moerge-stack-"))     # under /tmp: postgres and nginx's worker reach it
     env = {**os.environ, "MOERGE_BUNDLED_POOL": "false", "MOERGE_POOL_POLL_S": str(POLL_S)}
     t0 = time.monotonic()
-    started = subprocess.run(["bash", str(STACK), "start", str(folder)], env=env, capture_output=True, text=True,
-                             timeout=1500)
-    try:
+    try:    # a start that times out has started some parts: the stop below ends them
+        started = subprocess.run(["bash", str(STACK), "start", str(folder)], env=env, capture_output=True, text=True,
+                                 timeout=1500)
         if started.returncode != 0:
             pytest.fail(f"scripts/stack.sh start failed ({started.returncode}):\n{started.stderr[-3000:]}")
         print(f"\nstack started in {time.monotonic() - t0:.0f} s ({started.stderr.strip().splitlines()[-1]}):\n"

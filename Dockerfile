@@ -54,6 +54,6 @@ VOLUME ["/data"]
 EXPOSE 8000
 # /readyz: 200 once the replica's engine answers (503 while it starts or restarts); /healthz is liveness only
 HEALTHCHECK --interval=15s --timeout=5s --start-period=600s --retries=3 \
-    CMD python -c "import os, urllib.request; urllib.request.urlopen(f'http://127.0.0.1:{os.environ.get(\"MOERGE_PORT\", \"8000\")}/readyz', timeout=4)"
+    CMD python -c "import os, urllib.request as u; u.urlopen('http://127.0.0.1:%s/readyz' % os.environ.get('MOERGE_PORT', '8000'), timeout=4)"
 ENTRYPOINT ["moerge-entrypoint"]
 CMD ["moerge", "serve"]

@@ -118,21 +118,6 @@ start() {
     command -v "$b" >/dev/null || die "$b is not installed: run '$0 install' first"
   done
   [ -x "$ROOT/.venv/bin/moerge" ] || die "no .venv/bin/moerge: run 'make install' first"
-  if [ -f "$dir/stack.env" ] && ls "$dir"/pids/*.pid >/dev/null 2>&1; then
-    for b in "${PARTS[@]}"; do
-      alive "$b" && die "a stack is already running in $dir: '$0 stop $dir' first"
-    done
-  fi
-  rm -rf "$dir/pids" "$dir/logs" "$dir/nginx" "$dir/prometheus" "$dir/pool" "$dir/pg"
-  mkdir -p "$dir/pids" "$dir/logs" "$dir/nginx/tmp" "$dir/prometheus/targets" "$dir/pool"
-  if [ "$(id -u)" = 0 ]; then
-    # PostgreSQL runs as postgres and nginx's worker as www-data: both must reach their folders in DIR
-    chmod 755 "$dir"
-    runuser -u postgres -- test -x "$dir" \
-      || die "the postgres user cannot reach $dir (a parent folder is closed to it): pick a DIR under /tmp"
-  fi
-  trap 'log "start failed: stopping what was started"; stop_all; exit 1' ERR
-
   local executor=${STACK_EXECUTOR:-}
   if [ -z "$executor" ]; then
     if moerge_supports_servers && [ "${STACK_VLLM:-1}" != 0 ]; then executor=servers; else executor=reference; fi
@@ -145,6 +130,24 @@ start() {
   esac
   local max_loras=${STACK_MAX_LORAS:-4}
   [[ "$max_loras" =~ ^[1-9][0-9]*$ ]] || die "STACK_MAX_LORAS must be a positive integer, not '$max_loras'"
+  if [ -f "$dir/stack.env" ] && ls "$dir"/pids/*.pid >/dev/null 2>&1; then
+    for b in "${PARTS[@]}"; do
+      alive "$b" && die "a stack is already running in $dir: '$0 stop $dir' first"
+    done
+  fi
+  if [ -f "$dir/pg/data/postmaster.pid" ] && kill -0 "$(head -n 1 "$dir/pg/data/postmaster.pid")" 2>/dev/null; then
+    die "the PostgreSQL of a stack in $dir is still running: '$0 stop $dir' first"
+  fi
+  rm -rf "$dir/pids" "$dir/logs" "$dir/nginx" "$dir/prometheus" "$dir/pool" "$dir/pg"
+  mkdir -p "$dir/pids" "$dir/logs" "$dir/nginx/tmp" "$dir/prometheus/targets" "$dir/pool"
+  if [ "$(id -u)" = 0 ]; then
+    # PostgreSQL runs as postgres and nginx's worker as www-data: both must reach their folders in DIR
+    chmod 755 "$dir"
+    runuser -u postgres -- test -x "$dir" \
+      || die "the postgres user cannot reach $dir (a parent folder is closed to it): pick a DIR under /tmp"
+  fi
+  trap 'log "start failed: stopping what was started"; stop_all; exit 1' ERR
+
   local timeout_s=${STACK_START_TIMEOUT_S:-900}
   local deadline=$(( $(date +%s) + timeout_s ))
 

@@ -196,6 +196,8 @@ class PlacementTable:
             if engine.held.get(held.key) is held:
                 await self.client.load(engine.url, held.key, path)
         except EngineDown as e:
+            if engine.held.get(held.key) is held:     # a held adapter's `loading` is pending or None, never done
+                del engine.held[held.key]
             self.mark_down(engine.url, str(e))
             return False
         except Exception:

@@ -58,7 +58,8 @@ async def use(t: PlacementTable, name: str):
 
 
 def run(coro):
-    return asyncio.run(coro)
+    """Each test within 10 s: a placement loop that never ends fails instead of hanging."""
+    return asyncio.run(asyncio.wait_for(coro, 10))
 
 
 def test_a_request_goes_to_the_engine_that_holds_its_adapter():

@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install assets run test test-fast aims bench reliability experts eval clean stack
+.PHONY: install assets run test test-long test-fast aims bench reliability experts eval clean stack
 
 $(STAMP): constraints.txt pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found (moerge needs Python 3.11)"; exit 1; }
@@ -46,6 +46,10 @@ test: assets
 # aims an issue sets that the bundled library does not meet yet (docs/results/shifts/report.md): these fail today
 aims: assets
 	bash scripts/pytest.sh tests -m aim
+
+# the long forms of tests that `make test` runs bounded (MOERGE_TEST_LONG: more prompts per task)
+test-long: assets
+	MOERGE_TEST_LONG=1 bash scripts/pytest.sh tests/router/test_library_routing.py -k glider_global
 
 test-fast: install
 	bash scripts/ensure_chromium.sh

@@ -84,6 +84,12 @@ class Settings(BaseSettings):
                                     "ranks run on the reference engine, stated in the routing info)")
     vllm_max_num_seqs: int = Field(default=64, ge=1, description="requests in one vLLM batch")
     vllm_dtype: str = "bfloat16"
+    vllm_onednn_cache: int = Field(default=16, ge=1, description="oneDNN primitives the vLLM engine keeps in its "
+                                   "process-wide caches (ONEDNN_PRIMITIVE_CACHE_CAPACITY and torch's "
+                                   "LRU_CACHE_CAPACITY; both default to 1024). "
+                                   "Each new batch shape adds primitives; with 1024 the engine's memory climbs for "
+                                   "hours under varied load. vLLM's own per-layer caches still hold the recent ones "
+                                   "(docs/reliability.md)")
     vllm_cpu_threads: str = Field(default="auto", description="vLLM CPU compute cores: auto (vLLM's default: "
                                   "on this 2-core machine one core, the other reserved) | all | a list like 0-3")
     routing_method: str = Field(default="glider-global", description="method used for model=auto")

@@ -45,6 +45,12 @@ stop_default_services() {
   done
 }
 
+stop_pg_service() {  # the package's own cluster is not the stack's; it would only hold port 5432
+  if command -v service >/dev/null && service postgresql status >/dev/null 2>&1; then
+    service postgresql stop >/dev/null 2>&1 || true
+  fi
+}
+
 apt_install() {  # apt_install PACKAGE...: those not installed yet; 1 if apt-get fails
   local missing=() p
   for p in "$@"; do
@@ -59,6 +65,11 @@ apt_install() {  # apt_install PACKAGE...: those not installed yet; 1 if apt-get
 
 install() {
   apt_install "${PACKAGES[@]}" || die "could not install ${PACKAGES[*]}"
+  # the registry: scripts/pg_local.sh finds any installed PostgreSQL; Debian's default one otherwise
+  if ! compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null && ! command -v initdb >/dev/null; then
+    apt_install postgresql || die "could not install postgresql"
+    stop_pg_service
+  fi
   # only for checking docker-compose.yml (`docker-compose config` needs no daemon); the stack runs without it
   if ! { command -v docker >/dev/null && docker compose version >/dev/null 2>&1; }; then
     apt_install docker-compose || log "could not install docker-compose: the compose file check will be skipped"
@@ -167,7 +178,11 @@ start() {
 
   # The engine first: it takes longest.
   if [ "${STACK_VLLM:-1}" != 0 ]; then
+    # bounded oneDNN primitive caches, as moerge's own engine has them (Settings.vllm_onednn_cache;
+    # docs/reliability.md: with the default 1024 the engine's memory climbs with every new batch shape)
+    local cache="${MOERGE_VLLM_ONEDNN_CACHE:-16}"
     spawn vllm env VLLM_CPU_KVCACHE_SPACE="${VLLM_CPU_KVCACHE_SPACE:-1}" VLLM_ALLOW_RUNTIME_LORA_UPDATING=True \
+      ONEDNN_PRIMITIVE_CACHE_CAPACITY="$cache" LRU_CACHE_CAPACITY="$cache" \
       "$ROOT/.venv/bin/python" -m vllm.entrypoints.openai.api_server --model "$base_model" \
       --host 127.0.0.1 --port "$p_vllm" --max-model-len 1024 --dtype bfloat16 \
       --enable-lora --max-loras "$max_loras" --max-lora-rank 64

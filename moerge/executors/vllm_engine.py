@@ -162,7 +162,8 @@ class VllmExecutor:
 
     def __init__(self, model_dir: Path, *, max_resident_experts: int = 64, max_lora_rank: int = 64,
                  max_num_seqs: int = 64, dtype: str = "bfloat16", kv_cache_gib: int = 2, max_model_len: int = 2048,
-                 cpu_threads: str = "auto", plan_dir: Path | None = None, start: bool = True):
+                 cpu_threads: str = "auto", onednn_cache: int | None = 16, plan_dir: Path | None = None,
+                 start: bool = True):
         self.model_dir = Path(model_dir)
         self.max_lora_rank = max_lora_rank
         self.max_resident_experts = max_resident_experts
@@ -175,6 +176,11 @@ class VllmExecutor:
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gib))
         os.environ["MOERGE_PLUGIN_CAPACITY"] = str(max_resident_experts)
         os.environ["MOERGE_PLUGIN_DTYPE"] = dtype
+        if onednn_cache:   # read by the engine's processes when they start (docs/reliability.md, memory):
+            # oneDNN's process-wide primitive cache (vLLM's linear layers and torch's both read it) and
+            # torch's ideep cache of matmul primitives (the LoRA steps' bf16 matmuls)
+            os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] = str(onednn_cache)
+            os.environ["LRU_CACHE_CAPACITY"] = str(onednn_cache)
         bind_cpu_threads(cpu_threads)
         self.adapters = PlanAdapters(self.model_dir, plan_dir)
         self._ready = threading.Event()

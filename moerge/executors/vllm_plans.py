@@ -320,7 +320,10 @@ class PluginState:
         with self.lock:
             return {"resident_experts": [k for k in self.resident], "capacity": self.capacity,
                     "plans": len(self.plans), "expert_loads": self.loads, "expert_evictions": self.evictions,
-                    "malloc_trims": self.trims, "malloc_trim_ms": round(self.trim_ms, 1)}
+                    "malloc_trims": self.trims, "malloc_trim_ms": round(self.trim_ms, 1),
+                    # as this worker process was started with it (moerge sets it: Settings.vllm_onednn_cache)
+                    "onednn_primitive_cache": os.environ.get("ONEDNN_PRIMITIVE_CACHE_CAPACITY"),
+                    "torch_lru_cache": os.environ.get("LRU_CACHE_CAPACITY")}
 
 
 STATE = PluginState()

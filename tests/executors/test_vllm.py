@@ -105,6 +105,15 @@ def test_a_request_gets_the_same_tokens_and_routing_alone_and_in_a_hostile_batch
 
 
 @pytest.mark.real
+def test_the_engine_worker_runs_with_the_configured_onednn_primitive_cache(system, real_settings):
+    """oneDNN's process-wide primitive cache (1024 by default) grows the worker by every new batch shape
+    for hours under varied load; the worker must start with moerge's bound (docs/reliability.md)."""
+    assert real_settings.vllm_onednn_cache == 16
+    d = system.local[0].describe()
+    assert (d["onednn_primitive_cache"], d["torch_lru_cache"]) == ("16", "16")
+
+
+@pytest.mark.real
 @pytest.mark.slow
 def test_an_expert_registered_while_serving_joins_token_routing_without_a_restart(system, base_model_dir, tmp_path):
     vx, ref = system.local

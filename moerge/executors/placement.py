@@ -195,6 +195,7 @@ class PlacementTable:
                 await self._unload(engine, victim.key, "lru")
             if engine.held.get(held.key) is held:
                 await self.client.load(engine.url, held.key, path)
+                engine.loads += 1           # every load the server did, whether or not the table keeps it
         except EngineDown as e:
             if engine.held.get(held.key) is held:     # a held adapter's `loading` is pending or None, never done
                 del engine.held[held.key]
@@ -207,7 +208,6 @@ class PlacementTable:
             raise
         if engine.held.get(held.key) is not held:      # down (and maybe back) while it loaded
             return False
-        engine.loads += 1
         held.loading = None
         log.info("loaded adapter %s on %s", held.key, engine.url)
         return True

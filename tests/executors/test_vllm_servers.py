@@ -167,6 +167,7 @@ def test_concurrent_requests_for_one_new_adapter_cause_one_load(system, base_mod
 
 @pytest.mark.real
 @pytest.mark.slow
+@pytest.mark.long
 def test_an_adapter_with_a_request_in_flight_is_not_evicted(system):
     """A long request on one adapter while every other slot turns over twice: it keeps its slot, and
     its tokens equal a run with no pressure."""
@@ -228,6 +229,7 @@ def _running(url: str) -> float:
 
 @pytest.mark.real
 @pytest.mark.slow
+@pytest.mark.long
 def test_closing_a_stream_aborts_the_request_on_the_server(system):
     sx, _ = system.local
     plan = system.plan(_pinned("uppercase"))
@@ -251,6 +253,7 @@ def test_closing_a_stream_aborts_the_request_on_the_server(system):
 
 @pytest.mark.real
 @pytest.mark.slow
+@pytest.mark.long
 def test_the_placement_of_a_running_pool_is_adopted_by_a_new_executor(system, base_model_dir):
     """A replica starting next to running servers reads what they hold (GET /v1/models) and loads nothing again."""
     from moerge.executors.vllm_servers import VllmServersExecutor
@@ -269,6 +272,7 @@ def test_the_placement_of_a_running_pool_is_adopted_by_a_new_executor(system, ba
 
 @pytest.mark.real
 @pytest.mark.slow
+@pytest.mark.long
 def test_a_killed_server_is_left_for_the_other_and_used_again_when_it_is_back(system, engines, service):
     import signal
     sx, ref = system.local

@@ -30,7 +30,7 @@ def library_ctx(library_system):
 @pytest.mark.real
 @pytest.mark.slow
 def test_glider_global_top1_on_held_in_paraphrases_and_abstain_out_of_domain(library_ctx):
-    """Bounded in `make test` (6 prompts per task, about 80 s); `make test-long` asks 20 per task (about 260 s)."""
+    """Bounded in `make test` (6 prompts per task: 127 s in one run); `make test-long` asks 20 per task (262 s)."""
     r = make_router("glider-global", library_ctx)
     per_task = 20 if os.environ.get("MOERGE_TEST_LONG") else 6
     samples = [s for t in HELD_IN for s in get_task(t).samples(per_task, EVAL_SEED, "eval")]

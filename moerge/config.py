@@ -50,6 +50,13 @@ class Settings(BaseSettings):
         default=None, description="SQLAlchemy URL of the registry; default sqlite in home/pool"
     )
     pool_dir: Path | None = Field(default=None, description="artifact store; default home/pool")
+    pool_url: str | None = Field(default=None, description="keep the pool's blobs in S3-compatible storage at "
+                                 "this fsspec URL (s3://bucket/prefix; needs moerge[s3]) instead of in pool_dir, "
+                                 "which keeps the lock, staging and a read cache. Credentials and endpoint: "
+                                 "AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL (docs/deployment.md)")
+    pool_storage_options: dict = Field(default_factory=dict, description="keyword arguments of the fsspec "
+                                       "filesystem of pool_url, as JSON (MOERGE_POOL_STORAGE_OPTIONS="
+                                       "'{\"endpoint_url\": \"http://minio:9000\"}'); they win over the AWS_* variables")
 
     base_model_id: str = BASE_MODEL_ID
     max_upload_mb: float = Field(default=64.0, description="largest single adapter file accepted")
@@ -101,6 +108,14 @@ class Settings(BaseSettings):
         if bad:
             raise ValueError(f"engine urls must be http(s)://host:port, not {bad}")
         return [u.rstrip("/") for u in v]
+
+    @field_validator("pool_url")
+    @classmethod
+    def _pool_url(cls, v: str | None) -> str | None:
+        if v and "://" not in v:
+            raise ValueError(f"pool url must be an fsspec URL like s3://bucket/prefix, not {v!r} "
+                             "(a local folder is pool_dir)")
+        return v or None
 
     @field_validator("vllm_cpu_threads")
     @classmethod

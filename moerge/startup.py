@@ -187,7 +187,7 @@ def start(settings: Settings, *, executor: str | None = None, pool_dir=None, bun
     """Start what `settings` describe. `executor`: "vllm" (vLLM first, the reference engine for what
     vLLM cannot run and while it starts), "servers" (the vLLM OpenAI servers at `engine_urls` first, for
     base and adapter plans; the default when engine_urls is set) or "reference" (only the reference engine).
-    `pool_dir` gives a private pool (SQLite inside it) instead of the configured one."""
+    `pool_dir` gives a private pool (SQLite and the blobs inside it) instead of the configured one."""
     from moerge.assets import ensure_assets
     from moerge.experts.pool import open_pool
 
@@ -199,7 +199,7 @@ def start(settings: Settings, *, executor: str | None = None, pool_dir=None, bun
         torch.set_num_threads(settings.threads)
     assets = ensure_assets(settings, progress=progress)
     if pool_dir is not None:
-        settings = settings.model_copy(update={"pool_dir": pool_dir, "database_url": None})
+        settings = settings.model_copy(update={"pool_dir": pool_dir, "database_url": None, "pool_url": None})
     pool = open_pool(settings)
     if settings.bundled_pool if bundled is None else bundled:
         from moerge.experts.bundled import load_bundled

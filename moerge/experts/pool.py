@@ -35,7 +35,7 @@ from moerge.experts.errors import ExpertError, NameTakenError, UnknownExpertErro
 from moerge.experts.lora import BaseModelSpec, LoraAdapter, load_lora
 from moerge.experts.model_ref import validate_model_expert
 from moerge.experts.registry import Registry
-from moerge.experts.store import ArtifactStore
+from moerge.experts.store import open_store
 from moerge.kernels.arrow import arrow_prototypes
 
 EmbedFn = Callable[[list[str]], np.ndarray]
@@ -49,11 +49,13 @@ class ExpertPool:
     def __init__(self, root: Path, registry_url: str, base_spec: BaseModelSpec | None = None,
                  *, embed: EmbedFn | None = None, max_rank: int = 256, max_upload_bytes: int | None = None,
                  base_spec_loader: Callable[[], BaseModelSpec] | None = None, busy_timeout_s: float = 5.0,
-                 poll_s: float = 1.0):
-        """`poll_s`: how often to look for other processes' changes once a listener is subscribed (0: never)."""
+                 poll_s: float = 1.0, store_url: str | None = None, storage_options: dict | None = None):
+        """`poll_s`: how often to look for other processes' changes once a listener is subscribed (0: never).
+        `store_url`: keep the blobs at this fsspec URL (s3://bucket/prefix) instead of under `root`, which then
+        holds the lock, staging and a read cache (moerge.experts.remote_store; `storage_options` go to fsspec)."""
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
-        self.store = ArtifactStore(self.root)
+        self.store = open_store(self.root, store_url, storage_options)
         self.registry = Registry(registry_url, busy_timeout_s=busy_timeout_s)
         self._base_spec = base_spec
         self._base_spec_loader = base_spec_loader
@@ -134,7 +136,9 @@ class ExpertPool:
             except BaseException as e:
                 self.store.clear_staging()
                 for digest in published:
-                    self.store.remove(digest)
+                    # a remote store that fails here too leaves an unreferenced blob for the next sweep
+                    with contextlib.suppress(ExpertError):
+                        self.store.remove(digest)
                 full = storage_full(e, self.root) if isinstance(e, OSError) else None
                 if full is None:
                     raise
@@ -309,5 +313,6 @@ def open_pool(settings=None, **kwargs) -> ExpertPool:
 
     return ExpertPool(s.pool_path, s.registry_url, base_spec_loader=loader, max_rank=s.max_lora_rank,
                       max_upload_bytes=s.max_upload_bytes, busy_timeout_s=s.registry_busy_timeout_s,
-                      poll_s=s.pool_poll_s, **kwargs)
+                      poll_s=s.pool_poll_s, store_url=s.pool_url, storage_options=s.pool_storage_options,
+                      **kwargs)
 

@@ -3,6 +3,9 @@
 Blobs live at `blobs/<aa>/<sha256>`; a blob is written to `staging/`, fsynced, and renamed
 into place, so a reader never sees a partial file. Blobs are immutable and shared between
 cards. Garbage (unreferenced blobs, stale staging files) is swept under the pool lock.
+
+`open_store` gives this store, or with a URL (`MOERGE_POOL_URL=s3://bucket/prefix`) the fsspec-backed
+one of moerge.experts.remote_store, which keeps the blobs remote and stages and caches them here.
 """
 
 from __future__ import annotations
@@ -27,6 +30,25 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def check_digest(digest: str) -> str:
+    if not _DIGEST_RE.match(digest or ""):
+        raise PathOutsideStoreError(f"{digest!r} is not a sha256 digest")
+    return digest
+
+
+def is_digest(name: str) -> bool:
+    return bool(_DIGEST_RE.match(name))
+
+
+def write_local_blob(staged: Path, final: Path) -> Path:
+    """Rename a finished (fsynced) file to `final`, read-only, and fsync its folder."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(staged, final)
+    os.chmod(final, 0o444)
+    _fsync_dir(final.parent)
+    return final
+
+
 class ArtifactStore:
     def __init__(self, root: Path):
         self.root = Path(root)
@@ -36,9 +58,7 @@ class ArtifactStore:
         self.staging.mkdir(parents=True, exist_ok=True)
 
     def path(self, digest: str) -> Path:
-        if not _DIGEST_RE.match(digest or ""):
-            raise PathOutsideStoreError(f"{digest!r} is not a sha256 digest")
-        return self.blobs / digest[:2] / digest
+        return self.blobs / check_digest(digest)[:2] / digest
 
     def has(self, digest: str) -> bool:
         return self.path(digest).exists()
@@ -74,14 +94,10 @@ class ArtifactStore:
         if final.exists():
             staged.unlink(missing_ok=True)
             return final
-        final.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(staged, final)
-        os.chmod(final, 0o444)
-        _fsync_dir(final.parent)
-        return final
+        return write_local_blob(staged, final)
 
     def all_digests(self) -> set[str]:
-        return {p.name for p in self.blobs.glob("*/*") if _DIGEST_RE.match(p.name)}
+        return {p.name for p in self.blobs.glob("*/*") if is_digest(p.name)}
 
     def remove(self, digest: str) -> None:
         p = self.path(digest)
@@ -106,3 +122,12 @@ class ArtifactStore:
         for d in removed:
             self.remove(d)
         return removed
+
+
+def open_store(root: Path, url: str | None = None, storage_options: dict | None = None) -> ArtifactStore:
+    """The pool's artifact store: on disk under `root`, or with `url` an fsspec (S3-compatible) store whose
+    staging files, lock and read cache stay under `root`. An unusable URL raises ArtifactStoreUnavailableError."""
+    if not url:
+        return ArtifactStore(root)
+    from moerge.experts.remote_store import RemoteArtifactStore
+    return RemoteArtifactStore(root, url, storage_options)

@@ -17,8 +17,8 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
-from sqlalchemy import (BigInteger, Column, Float, Integer, MetaData, String, Table, Text, create_engine, delete,
-                        func, insert, select, update)
+from sqlalchemy import (BigInteger, Column, Float, Index, Integer, LargeBinary, MetaData, String, Table, Text,
+                        create_engine, delete, func, insert, select, update)
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError, OperationalError
 
@@ -40,6 +40,40 @@ pool_version_table = Table(
     metadata,
     Column("id", Integer, primary_key=True),
     Column("version", BigInteger, nullable=False),
+)
+
+# Learning from outcomes (moerge/router/feedback.py). Neither table bumps the pool version: feedback is not a
+# pool change. Both are created with `create_all`, which only adds missing tables, so an existing registry
+# gains them at its next start and keeps every row it had.
+# What each chat completion routed to, written when it is answered, so feedback can name it by id; bounded
+# (FeedbackStore keeps the newest `max_completions` rows and none older than `completion_ttl_s`).
+completions_table = Table(
+    "completions",
+    metadata,
+    Column("id", String(64), primary_key=True),          # the response's `chatcmpl-...` id
+    Column("created_at", Float, nullable=False, index=True),
+    Column("model", String(128), nullable=False),         # what the client asked for: auto, moerge:<m>, an expert
+    Column("method", String(64), nullable=False),         # the routing method that decided
+    Column("query", Text, nullable=False),                # the text routing looked at (the last user turn)
+    Column("plan", Text, nullable=False),                 # JSON: chosen, abstained, plan kind, top scores
+)
+# One row per feedback: the completion's query (and its embedding), its routing, the score in [0, 1].
+feedback_table = Table(
+    "feedback",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("completion_id", String(64), nullable=False),
+    Column("created_at", Float, nullable=False),
+    Column("completed_at", Float, nullable=False),
+    Column("method", String(64), nullable=False),
+    Column("arm", String(64), nullable=True),             # the one expert that answered, "(base)", or None (mixture)
+    Column("score", Float, nullable=False),
+    Column("label", String(32), nullable=True),
+    Column("query", Text, nullable=False),
+    Column("embedding", LargeBinary, nullable=True),      # float32, unit norm: the query's, data masked
+    Column("plan", Text, nullable=False),
+    Column("source", String(32), nullable=False, default="api"),
+    Index("ix_feedback_completion", "completion_id"),
 )
 
 # The PostgreSQL advisory lock key of the pool: one pool per database, so one fixed key.

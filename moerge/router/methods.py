@@ -4,6 +4,7 @@ from moerge.router.arrow import ArrowRouter
 from moerge.router.base import Router
 from moerge.router.base_method import BaseRouter
 from moerge.router.embed import EmbedRouter
+from moerge.router.feedback import FeedbackRouter
 from moerge.router.glider import GliderRouter
 from moerge.router.glider_global import GliderGlobalRouter
 from moerge.router.merge import MergeCatRouter, MergeLinearRouter, MergeTiesRouter
@@ -14,4 +15,5 @@ from moerge.router.retrieval import RetrievalRouter
 METHODS: dict[str, type[Router]] = {cls.name: cls for cls in (
     BaseRouter, OracleRouter, RetrievalRouter, EmbedRouter, GliderGlobalRouter,
     ArrowRouter, PhatgooseRouter, GliderRouter, MergeLinearRouter, MergeTiesRouter, MergeCatRouter,
+    FeedbackRouter,
 )}

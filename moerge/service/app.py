@@ -26,7 +26,7 @@ from moerge.service.experts_api import build_router
 from moerge.service.limits import KeyedLimits, RequestLimits
 from moerge.service.ops import KeyCheck, Metrics, RateLimiter, redact_access_log
 from moerge.service.runtime import Runtime
-from moerge.service.schemas import ChatCompletionRequest, ChatMessage, completion_id, now
+from moerge.service.schemas import ChatCompletionRequest, ChatMessage, FeedbackRequest, completion_id, now
 
 log = logging.getLogger("moerge.service")
 
@@ -126,6 +126,8 @@ def create_app(runtime: Runtime) -> FastAPI:
     pool = getattr(runtime, "pool", None)
     if hasattr(pool, "on_change"):   # a removed expert's series leave /metrics
         pool.on_change(lambda event, name: metrics.forget_expert(name) if event == "removed" else None)
+    feedback = _feedback_store(runtime)
+    app.state.feedback = feedback
     inflight = InflightLimit(runtime.settings.max_inflight)
     app.state.inflight = inflight
     metrics.inflight.set_function(lambda: inflight.open)
@@ -210,6 +212,17 @@ def create_app(runtime: Runtime) -> FastAPI:
         _observe_plan(plan)
         return JSONResponse(plan.info(), headers=plan.headers())
 
+    @app.post("/v1/feedback")
+    async def post_feedback(req: FeedbackRequest, request: Request):
+        """Store how good a completion was; the `feedback` router learns from it (moerge/router/feedback.py)."""
+        _caller(request)
+        if feedback is None:
+            raise ExpertError("feedback is not available in this server (no registry)")
+        embed = getattr(getattr(runtime, "router_ctx", None), "embed", None)
+        item = await run_in_threadpool(feedback.add_feedback, req.id, score=req.score, label=req.label, embed=embed)
+        return {"object": "feedback", "id": item.id, "completion_id": item.completion_id, "score": item.score,
+                "arm": item.arm, "method": item.method}
+
     @app.get("/v1/models")
     async def models():
         data = [{"id": m, "object": "model", "created": 0, "owned_by": "moerge"} for m in runtime.model_ids()]
@@ -230,7 +243,8 @@ def create_app(runtime: Runtime) -> FastAPI:
         headers = plan.headers()
         cid, created = completion_id(), now()
         timeout_s = runtime.settings.request_timeout_s
-        if req.stream:
+        if req.stream:   # recorded before the first chunk names the id
+            await _record(feedback, cid, req.model, messages, plan)
             return StreamingResponse(_sse(runtime, metrics, messages, params, plan, req.model, cid, created,
                                           slot, timeout_s), media_type="text/event-stream", headers=headers,
                                      background=BackgroundTask(slot.release))
@@ -240,6 +254,7 @@ def create_app(runtime: Runtime) -> FastAPI:
             slot.release()
         metrics.count_tokens(gen.prompt_tokens, gen.completion_tokens)
         metrics.count_layer_usage(plan.layer_usage)
+        await _record(feedback, cid, req.model, messages, plan)   # after a remote fallback may have changed it
         headers = plan.headers()  # a remote fallback may have changed the plan
         body = {
             "id": cid, "object": "chat.completion", "created": created, "model": req.model,
@@ -252,6 +267,29 @@ def create_app(runtime: Runtime) -> FastAPI:
         return JSONResponse(body, headers=headers)
 
     return app
+
+
+def _feedback_store(runtime: Runtime):
+    """The pool's feedback store (its registry's database), or None for a runtime without a registry."""
+    registry = getattr(getattr(runtime, "pool", None), "registry", None)
+    if registry is None or not hasattr(registry, "engine"):
+        return None
+    from moerge.router.feedback import store_for
+    return store_for(registry)
+
+
+async def _record(store, cid: str, model: str, messages: list[dict], plan) -> None:
+    """What this completion routed to, so `POST /v1/feedback` can name it. A failure here costs the
+    completion its feedback, never its answer."""
+    if store is None:
+        return
+    from moerge.router.base import query_text
+    from moerge.router.feedback import plan_record
+    try:
+        await run_in_threadpool(store.record_completion, cid, model=model, method=plan.decision.method,
+                                query=query_text(messages), plan=plan_record(plan.decision, plan.execution.kind))
+    except Exception:
+        log.warning("could not record completion %s for feedback", cid, exc_info=True)
 
 
 async def _sse(runtime: Runtime, metrics: Metrics, messages, params, plan, model, cid, created,

@@ -62,6 +62,15 @@ class ChatCompletionRequest(BaseModel):
         return [{"role": role_map.get(m.role, m.role), "content": m.text()} for m in self.messages]
 
 
+class FeedbackRequest(BaseModel):
+    """`POST /v1/feedback`: how good a completion was. `score` in [0, 1] and/or a `label`
+    (good/bad, correct/incorrect, positive/negative, ...)."""
+    model_config = ConfigDict(extra="forbid")
+    id: str = Field(min_length=1, max_length=64, description="the chat completion's id (chatcmpl-...)")
+    score: float | None = None
+    label: str | None = Field(default=None, max_length=32)
+
+
 def completion_id() -> str:
     return f"chatcmpl-{uuid.uuid4().hex[:24]}"
 

@@ -1,0 +1,94 @@
+"""`POST /v1/feedback` on the real service: it stores a score for a completion it answered (streamed or
+not), refuses unknown ids and bad scores with a clear 4xx and stores nothing, and what it stored is
+read back by a new pool object on the same registry."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+
+from tests.service.test_openai_client import ServerThread
+
+USER = {"Authorization": "Bearer user-key"}
+
+
+@pytest.fixture(scope="module")
+def server(real_settings, tmp_path_factory):
+    from moerge.service.app import create_app
+    from moerge.service.factory import build_runtime
+    s = real_settings.model_copy(update={"pool_dir": tmp_path_factory.mktemp("fb-pool"), "api_keys": ["user-key"],
+                                         "routing_method": "embed", "rate_limit_per_minute": 1000})
+    runtime = build_runtime(s, progress=lambda m: None)
+    with ServerThread(create_app(runtime)) as url:
+        yield url, runtime, s
+    runtime.system.shutdown()
+
+
+def _chat(url, **extra) -> httpx.Response:
+    body = {"model": "base", "messages": [{"role": "user", "content": "What is 345 - 210?"}], "max_tokens": 3,
+            "temperature": 0, **extra}
+    return httpx.post(f"{url}/v1/chat/completions", json=body, headers=USER, timeout=120)
+
+
+def _count(runtime) -> int:
+    from moerge.router.feedback import store_for
+    return store_for(runtime.pool.registry).count()
+
+
+@pytest.mark.real
+def test_feedback_is_stored_for_a_completion_and_read_by_a_new_pool(server):
+    url, runtime, settings = server
+    before = _count(runtime)
+    cid = _chat(url).json()["id"]
+    r = httpx.post(f"{url}/v1/feedback", json={"id": cid, "score": 0.0}, headers=USER, timeout=30)
+    assert r.status_code == 200, r.text
+    assert r.json() | {"id": None} == {"object": "feedback", "id": None, "completion_id": cid, "score": 0.0,
+                                        "arm": "(base)", "method": "base"}
+    # a streamed completion: its id is in the first chunk, and it is recorded before that chunk is sent
+    with httpx.stream("POST", f"{url}/v1/chat/completions", headers=USER, timeout=120,
+                      json={"model": "base", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2,
+                            "stream": True}) as s:
+        lines = s.iter_lines()
+        first = next(line for line in lines if line.startswith("data: "))
+        sid = json.loads(first[6:])["id"]
+        r = httpx.post(f"{url}/v1/feedback", json={"id": sid, "label": "good"}, headers=USER, timeout=30)
+        assert r.status_code == 200 and r.json()["score"] == 1.0, r.text
+        for _ in lines:
+            pass
+    assert _count(runtime) == before + 2
+
+    from moerge.experts.pool import open_pool
+    from moerge.router.feedback import FeedbackStore
+    pool = open_pool(settings)            # a new pool object on the same registry (another process's view)
+    try:
+        mine = [i for i in FeedbackStore(pool.registry).items() if i.completion_id in (cid, sid)]
+        assert sorted((i.completion_id, i.score, i.arm) for i in mine) == sorted([(cid, 0.0, "(base)"),
+                                                                                  (sid, 1.0, "(base)")])
+        assert mine[0].query in ("What is 345 - 210?", "Hi") and mine[0].embedding.shape == (384,)
+    finally:
+        pool.close()
+
+
+@pytest.mark.real
+def test_bad_feedback_gets_a_clear_4xx_and_stores_nothing(server):
+    url, runtime, _ = server
+    cid = _chat(url).json()["id"]
+    before = _count(runtime)
+    cases = [({"id": "chatcmpl-000000000000000000000000", "score": 1}, 404, "no completion"),
+             ({"id": cid, "score": 1.5}, 400, "score must be a number in [0, 1]"),
+             ({"id": cid, "score": -1}, 400, "score must be a number in [0, 1]"),
+             ({"id": cid, "label": "meh"}, 400, "unknown label"),
+             ({"id": cid}, 400, "needs a score"),
+             ({"id": cid, "score": 1, "label": "bad"}, 400, "contradicts"),
+             ({"score": 1}, 400, "id"),
+             ({"id": cid, "score": 1, "extra": 2}, 400, "extra")]
+    for body, status, words in cases:
+        r = httpx.post(f"{url}/v1/feedback", json=body, headers=USER, timeout=30)
+        assert r.status_code == status, (body, r.text)
+        err = r.json()["error"]
+        assert words in err["message"] and err["code"] == str(status), (body, err)
+    r = httpx.post(f"{url}/v1/feedback", json={"id": cid, "score": 1}, timeout=30)     # no key
+    assert r.status_code == 401
+    assert _count(runtime) == before

@@ -249,10 +249,20 @@ def _router_context():
 
 @app.command()
 @_guard
-def calibrate(out: Optional[Path] = typer.Option(None, "--out", help="default: the bundled calibration file"),
+def calibrate(out: Optional[Path] = typer.Option(None, "--out", help="default: the bundled calibration file "
+                                                 "(with --from-feedback: POOL/feedback_calibration.json)"),
               alpha: bool = typer.Option(True, "--alpha/--no-alpha",
-                                         help="also choose glider's α on held-in development prompts")) -> None:
-    """Calibrate abstain thresholds (out-of-domain calibration half vs in-domain prompts) and glider's α."""
+                                         help="also choose glider's α on held-in development prompts"),
+              from_feedback: bool = typer.Option(False, "--from-feedback",
+                                                 help="fold the feedback stored in the pool into per-expert "
+                                                 "priors and thresholds for the `feedback` router"),
+              min_count: int = typer.Option(5, "--min-count", help="with --from-feedback: feedbacks an expert "
+                                            "needs before its threshold is set")) -> None:
+    """Calibrate abstain thresholds (out-of-domain calibration half vs in-domain prompts) and glider's α;
+    or, with --from-feedback, the `feedback` router's per-expert priors and thresholds."""
+    if from_feedback:
+        _calibrate_from_feedback(out, min_count)
+        return
     from moerge.tasks import out_of_domain_prompts
     from moerge.router.calibrate import calibrate as run
     from moerge.router.calibrate import calibrate_alpha
@@ -280,6 +290,25 @@ def calibrate(out: Optional[Path] = typer.Option(None, "--out", help="default: t
     cal.save(out or CALIBRATION_FILE)
 
 
+def _calibrate_from_feedback(out: Optional[Path], min_count: int) -> None:
+    """Reads only the registry: no engine, no model."""
+    from moerge.experts.registry import Registry
+    from moerge.router.feedback import CALIBRATION_NAME, FeedbackCalibration, FeedbackStore
+    s = get_settings()
+    registry = Registry(s.registry_url, busy_timeout_s=s.registry_busy_timeout_s)
+    try:
+        items = FeedbackStore(registry).items()
+    finally:
+        registry.close()
+    cal = FeedbackCalibration.from_items(items, min_count=min_count)
+    path = out or Path(s.pool_path) / CALIBRATION_NAME
+    cal.save(path)
+    for arm, st in sorted(cal.arms.items()):
+        thr = "-" if st.threshold is None else f"{st.threshold:.4f}"
+        console.print(f"{arm}: {st.n} feedbacks, success {st.successes:g}, prior {st.prior:.3f}, threshold {thr}")
+    console.print(f"{len(items)} feedbacks -> {path}")
+
+
 @app.command("eval")
 @_guard
 def eval_cmd(
@@ -298,8 +327,19 @@ def eval_cmd(
                               "tokens equal the reference engine's)"),
     shift: str = typer.Option("both", "--shift", help="template: unseen phrasings of the template lists' content | "
                               "content: unseen phrasings of content no expert trained on | both"),
+    feedback_curve: bool = typer.Option(False, "--feedback-curve", help="stream training prompts to the `feedback` "
+                                        "router with the scorer's feedback, and measure on fresh evaluation prompts "
+                                        "every --every feedbacks (a learning curve; --n prompts per task)"),
+    feedbacks: int = typer.Option(20, "--feedbacks", help="--feedback-curve: feedbacks per task"),
+    every: int = typer.Option(5, "--every", help="--feedback-curve: measure after every this many feedbacks"),
+    explore_k: int = typer.Option(3, "--explore-k", help="--feedback-curve: the feedback router explores the "
+                                  "wrapped router's top k experts plus base (0: every expert)"),
 ) -> None:
     """Evaluate routing methods side by side (or an OpenAI-compatible endpoint)."""
+    if feedback_curve:
+        _feedback_curve(tasks, n, out, engine, dtype, "template" if shift == "both" else shift, feedbacks, every,
+                        explore_k)
+        return
     if shift not in ("template", "content", "both"):
         fail(f"--shift must be template, content or both, not {shift!r}")
     shifts = ("template", "content") if shift == "both" else (shift,)
@@ -337,6 +377,29 @@ def eval_cmd(
     from moerge.eval.report import results_table
     console.print(results_table(report))
     console.print(f"wrote {out / 'report.md'} and plots")
+
+
+def _feedback_curve(tasks, n, out, engine, dtype, shift, feedbacks, every, explore_k) -> None:
+    from moerge.eval.feedback import DEFAULT_CHECK_TASKS, feedback_curve
+    from moerge.eval.run import prepare
+    from moerge.tasks import HELD_OUT, get_task
+    if shift not in ("template", "content"):
+        fail(f"--shift must be template or content with --feedback-curve, not {shift!r}")
+    task_list = list(tasks) if tasks else HELD_OUT + list(DEFAULT_CHECK_TASKS)
+    for t in task_list:
+        get_task(t)
+    system, namespace = prepare(get_settings(), engine=engine, dtype=dtype, progress=lambda m: err.print(m))
+    try:
+        report = feedback_curve(system, tasks=task_list, feedbacks=feedbacks, every=every, n=n, shift=shift, out=out,
+                                cache_path=out / "generations.sqlite", namespace=namespace, explore_k=explore_k,
+                                progress=err.print)
+    finally:
+        system.shutdown()
+    for t, a in report["aim"]["per_task"].items():
+        console.print(f"{t}: {100 * a['final']:.1f}% after {feedbacks} feedbacks, best single "
+                      f"{100 * a['best_single']:.1f}%: {'met' if a['met'] else 'missed'}")
+    console.print(f"aim {'met' if report['aim']['met'] else 'missed'}; wrote {out / 'feedback_curve.json'} and "
+                  f"{out / 'feedback_curve.png'}")
 
 
 @app.command()

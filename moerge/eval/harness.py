@@ -42,6 +42,9 @@ def default_methods(quick: bool = False, alphas=(1.0, 3.0, 10.0, 30.0, 100.0)) -
     specs = [MethodSpec(m, m) for m in ("base", "oracle", "merge-linear", "merge-ties", "merge-cat", "retrieval",
                                         "embed", "glider-global", "arrow", "phatgoose", "glider")]
     if not quick:
+        # learns from feedback stored in the pool; a fresh evaluation pool has none, so this is its cold
+        # start (= glider-global). `moerge eval --feedback-curve` streams feedback first (eval/feedback.py)
+        specs.append(MethodSpec("feedback", "feedback", {"explore": False}))
         specs += [MethodSpec(f"glider α={a:g}", "glider", {"alpha": a}) for a in alphas]
     return specs
 
@@ -185,7 +188,7 @@ class Evaluator:
 
 
 def _writes_instructions(router) -> bool:
-    return router.name in ("glider-global", "glider")
+    return router.name in ("glider-global", "glider") or getattr(getattr(router, "base", None), "name", "") == "glider-global"
 
 
 def _chosen_counts(decisions) -> dict[str, int]:

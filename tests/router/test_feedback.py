@@ -123,6 +123,22 @@ def test_negative_feedback_on_neighbours_moves_routing_off_the_near_miss(registr
     assert again.route(LOWER_NEW).chosen == ["reverse_words"]
 
 
+def test_failures_at_a_lower_router_score_do_not_spill_onto_a_better_fitting_query(registry, embedder, tmp_path):
+    """uppercase failed on requests the wrapped router scored 0.45 for it (lower-case requests); a
+    request it scores 0.62 (an upper-case one) keeps uppercase. At 0.61 the same failures do count."""
+    store = FeedbackStore(registry)
+    ctx = _ctx(registry, embedder, tmp_path)
+    router = FeedbackRouter(base_router=StubRanker(), store=store, explore=False).fit(ctx)
+    for i, q in enumerate(LOWER):
+        _answered(store, f"chatcmpl-u{i}", q, "uppercase", score=0.45)
+        store.add_feedback(f"chatcmpl-u{i}", score=0.0, embed=embedder.encode)
+    d = router.route(LOWER_NEW)
+    assert d.chosen == ["uppercase"] and d.detail["arms"]["uppercase"]["weight"] < 0.01, d.detail
+    near = FeedbackRouter(base_router=StubRanker(ranking=(("uppercase", 0.46), ("reverse_words", 0.41),
+                                                          ("count_words", 0.38))), store=store, explore=False).fit(ctx)
+    assert near.route(LOWER_NEW).chosen != ["uppercase"]
+
+
 def test_every_arm_failing_falls_back_to_base(registry, embedder, tmp_path):
     store = FeedbackStore(registry)
     router = FeedbackRouter(base_router=StubRanker(), store=store, explore=False, explore_k=2).fit(
@@ -177,3 +193,80 @@ def test_learned_threshold_lowers_an_expert_below_it(registry, embedder, tmp_pat
                             calibration_path=cal_path).fit(_ctx(registry, embedder, tmp_path))
     d = router.route(CAPITAL)      # uppercase scores 0.62 < its learned 0.7: the next arm (prior 0.25) wins
     assert d.chosen == ["reverse_words"], d.detail
+
+
+def test_calibrate_from_feedback_cli_writes_per_expert_priors_and_thresholds(tmp_path, embedder):
+    import json
+    import os
+    import subprocess
+    import sys
+    pool_dir = tmp_path / "pool"
+    pool_dir.mkdir()
+    reg = Registry(f"sqlite:///{pool_dir}/registry.sqlite")
+    store = FeedbackStore(reg)
+    for i in range(6):        # uppercase works when its score is high, fails when low
+        ok = i % 2 == 0
+        d = RoutingDecision("glider-global", "sequence", experts=[ExpertScore("uppercase", 0.7 if ok else 0.5)],
+                            chosen=["uppercase"])
+        store.record_completion(f"chatcmpl-{i}", model="auto", method="glider-global", query=LOWER[i],
+                                plan=plan_record(d, "adapter"))
+        store.add_feedback(f"chatcmpl-{i}", score=1.0 if ok else 0.0)
+    reg.close()
+    env = {**os.environ, "MOERGE_POOL_DIR": str(pool_dir), "MOERGE_BUNDLED_POOL": "false",
+           "MOERGE_CONFIG": str(tmp_path / "none.toml")}
+    proc = subprocess.run([sys.executable, "-m", "moerge.cli", "calibrate", "--from-feedback", "--min-count", "5"],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads((pool_dir / "feedback_calibration.json").read_text())
+    st = data["arms"]["uppercase"]
+    assert st["n"] == 6 and st["successes"] == 3 and 0.5 < st["threshold"] < 0.7, data
+    # the router of a pool finds that file next to its registry and applies it
+    reg = Registry(f"sqlite:///{pool_dir}/registry.sqlite")
+    try:
+        router = FeedbackRouter(base_router=StubRanker(), store=FeedbackStore(reg), explore=False).fit(
+            _ctx(reg, embedder, pool_dir))
+        assert router.calibration.arms["uppercase"].threshold == pytest.approx(st["threshold"])
+    finally:
+        reg.close()
+
+
+@pytest.mark.real
+@pytest.mark.slow
+def test_real_library_feedback_on_a_held_out_task_moves_routing_off_the_near_miss(real_settings, tmp_path_factory):
+    """lowercase has no expert; glider-global sends it to `uppercase`, which does the opposite. Six
+    feedback-stream prompts (training content, phrasings disjoint from the evaluation ones) are
+    answered by that near miss on the real base model and scored by the task's scorer; that
+    feedback must move the `feedback` router's choice for fresh lowercase prompts off `uppercase`."""
+    from moerge.eval.feedback import stream_samples
+    from moerge.eval.harness import EVAL_SEED
+    from moerge.models.generation import SamplingParams
+    from moerge.router.base import make_router
+    from moerge.startup import start
+    from moerge.tasks import get_task
+
+    system = start(real_settings, executor="reference", pool_dir=tmp_path_factory.mktemp("fb-libpool"),
+                   bundled=True, progress=lambda m: None)
+    try:
+        ctx, task = system.router_ctx, get_task("lowercase")
+        store = FeedbackStore(system.pool.registry)
+        router = make_router("feedback", ctx, explore=False, store=store)
+        fresh = [s.prompt for s in task.samples(3, EVAL_SEED, "eval", "template")]
+        before = [router.route(p).chosen for p in fresh]
+        assert sum(c == ["uppercase"] for c in before) >= 2, before     # the near miss, as in the report
+        stream = stream_samples("lowercase", 6)
+        pinned = [RoutingDecision("pinned", "sequence", experts=[ExpertScore("uppercase", 1.0)], chosen=["uppercase"])
+                  for _ in stream]
+        gens = system.generate_many([system.encode([{"role": "user", "content": s.prompt}]) for s in stream],
+                                    [SamplingParams(max_tokens=24, temperature=0.0)] * len(stream),
+                                    [system.plan(d) for d in pinned])
+        scores = [float(task.score(g.text, s.answer)) for g, s in zip(gens, stream)]
+        assert sum(scores) <= 1, [g.text for g in gens]                  # it really fails on this task
+        for i, (s, d, score) in enumerate(zip(stream, pinned, scores)):
+            store.record_completion(f"chatcmpl-real{i}", model="uppercase", method="pinned", query=s.prompt,
+                                    plan=plan_record(d, "adapter"))
+            store.add_feedback(f"chatcmpl-real{i}", score=score, embed=ctx.embed)
+        after = [router.route(p) for p in fresh]
+        assert all(d.chosen != ["uppercase"] for d in after), [(d.chosen, d.detail["arms"]) for d in after]
+        assert all(d.detail["arms"]["uppercase"]["n"] >= 3 for d in after if "uppercase" in d.detail["arms"])
+    finally:
+        system.shutdown()

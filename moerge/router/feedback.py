@@ -368,20 +368,21 @@ class FeedbackMemory:
 
 class FeedbackRouter(Router):
     """See the module docstring. Options: base (the wrapped sequence router), explore_k, explore,
-    min_sim, neighbours, prior_strength, min_count, max_step, max_items, refresh_s, calibration_path."""
+    min_sim, neighbours, prior_strength, min_count, max_step, max_items, refresh_s, score_margin,
+    calibration_path."""
 
     name = "feedback"
     granularity = "sequence"
 
     def __init__(self, base: str = "glider-global", *, explore_k: int = 3, explore: bool = True,
                  min_sim: float = 0.65, neighbours: int = 16, prior_strength: float = 2.0, min_count: int = 5,
-                 max_step: float = 0.05, max_items: int = 5000, refresh_s: float = 1.0,
+                 max_step: float = 0.05, max_items: int = 5000, refresh_s: float = 1.0, score_margin: float = 0.02,
                  calibration_path: str | Path | None = None, store: FeedbackStore | None = None,
                  base_router: Router | None = None, use_calibration: bool = True):
         self.base_name, self.explore_k, self.explore = base, explore_k, explore
         self.min_sim, self.k, self.prior_strength = min_sim, neighbours, prior_strength
         self.min_count, self.max_step, self.max_items, self.refresh_s = min_count, max_step, max_items, refresh_s
-        self.calibration_path = calibration_path
+        self.calibration_path, self.score_margin = calibration_path, score_margin
         self._store, self._base_router, self.use_calibration = store, base_router, use_calibration
         self._lock = threading.RLock()
         self._checked = 0.0
@@ -452,6 +453,17 @@ class FeedbackRouter(Router):
             out[arm] = (mean * self.prior_strength, (1 - mean) * self.prior_strength)
         return out
 
+    def weight(self, item: FeedbackItem, score_here: float | None) -> float:
+        """How much a neighbour's outcome on an expert says about this query. The wrapped router's score
+        is taken as monotone evidence of fit: a failure at a lower score than this query's says less the
+        higher this query scores that expert (and a success at a higher score, the lower it scores), with
+        a decay of `score_margin` per step past a margin of `score_margin`. Base, and items without a
+        score, weigh 1."""
+        if item.arm == BASE_ARM or item.arm_score is None or score_here is None or self.score_margin <= 0:
+            return 1.0
+        gap = score_here - item.arm_score if item.score < 0.5 else item.arm_score - score_here
+        return float(np.exp(-max(0.0, gap - self.score_margin) / self.score_margin))
+
     def route(self, query, *, task=None):
         t0 = time.perf_counter()
         base = self.base.route(query, task=task)
@@ -463,13 +475,16 @@ class FeedbackRouter(Router):
             near = self.memory.neighbours(q, self.k, self.min_sim)
             version = self.memory.version
         post = {a: list(p) for a, p in priors.items()}
-        seen = {a: [0, 0.0] for a in arms}
+        seen = {a: [0, 0.0, 0.0] for a in arms}
+        scores = {e.name: e.score for e in base.experts}
         for it, _sim in near:
             if it.arm in post:
-                post[it.arm][0] += it.score
-                post[it.arm][1] += 1.0 - it.score
+                w = self.weight(it, scores.get(it.arm))
+                post[it.arm][0] += w * it.score
+                post[it.arm][1] += w * (1.0 - it.score)
                 seen[it.arm][0] += 1
                 seen[it.arm][1] += it.score
+                seen[it.arm][2] += w
         means = {a: ab[0] / (ab[0] + ab[1]) for a, ab in post.items()}
         if self.explore:
             seed = int.from_bytes(hashlib.sha256(f"{query}\x00{version}".encode()).digest()[:8], "little")
@@ -481,8 +496,8 @@ class FeedbackRouter(Router):
         abstain = arm == BASE_ARM
         detail = {"base_method": self.base.name, "base_chosen": list(base.chosen), "base_abstained": base.abstained,
                   "neighbours": len(near), "explore": self.explore,
-                  "arms": {a: {"mean": round(means[a], 4), "n": seen[a][0], "successes": round(seen[a][1], 3)}
-                           for a in arms}}
+                  "arms": {a: {"mean": round(means[a], 4), "n": seen[a][0], "successes": round(seen[a][1], 3),
+                               "weight": round(seen[a][2], 3)} for a in arms}}
         if self.explore:
             detail["sampled"] = {a: round(v, 4) for a, v in value.items()}
         decision = RoutingDecision(method=self.name, granularity=self.granularity, experts=list(base.experts),

@@ -129,9 +129,8 @@ def test_second_replica_reads_the_expert_through_s3(tmp_path, s3, registry, tiny
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3["key"])
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3["secret"])
     settings = Settings(pool_dir=tmp_path / "b", database_url=registry, bundled_pool=False)
-    b = open_pool(settings, embed=embedder.encode)
+    b = open_pool(settings, base_spec=tiny_spec, embed=embedder.encode)
     try:
-        b._base_spec = tiny_spec
         assert isinstance(b.store, RemoteArtifactStore) and b.store.url == s3["url"]
         assert b.store.cached_digests() == set()
         got = b.get("adder")

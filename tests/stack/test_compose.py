@@ -115,3 +115,20 @@ def test_dashboard_parses_and_reads_only_metrics_that_exist():
     assert all(t["datasource"]["uid"] == uid for p in panels(dashboard) for t in p.get("targets", []))
     assert {"moerge_routing_decisions_total", "moerge_routing_abstain_total", "moerge_layer_expert_usage_total",
             "moerge_inflight_requests", "moerge_request_seconds_bucket"} <= used
+
+
+def _bytes(size) -> int:
+    """A compose size ("1gb", "512m", 268435456) in bytes."""
+    if isinstance(size, int):
+        return size
+    m = re.fullmatch(r"(\d+)\s*([kmg]?)b?", str(size).strip().lower())
+    assert m, f"not a compose size: {size!r}"
+    return int(m.group(1)) * {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}[m.group(2)]
+
+
+def test_services_running_vllm_get_the_shared_memory_it_needs():
+    """vLLM's engine asks for 160 MiB of /dev/shm when it starts; a container gets 64 MB unless told otherwise.
+    Running the image with podman (scripts/image.sh smoke) failed exactly so before shm_size was set."""
+    services = yaml.safe_load(COMPOSE.read_text())["services"]
+    for name in ("vllm", "moerge-a", "moerge-b"):
+        assert _bytes(services[name].get("shm_size", 64 << 20)) >= 256 << 20, name

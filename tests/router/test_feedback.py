@@ -124,18 +124,19 @@ def test_negative_feedback_on_neighbours_moves_routing_off_the_near_miss(registr
 
 
 def test_failures_at_a_lower_router_score_do_not_spill_onto_a_better_fitting_query(registry, embedder, tmp_path):
-    """uppercase failed on requests the wrapped router scored 0.45 for it (lower-case requests); a
-    request it scores 0.62 (an upper-case one) keeps uppercase. At 0.61 the same failures do count."""
+    """With score_margin (off by default): uppercase failed on requests the wrapped router scored 0.45
+    for it (lower-case requests); a request it scores 0.62 keeps uppercase; at 0.46 the failures count."""
     store = FeedbackStore(registry)
     ctx = _ctx(registry, embedder, tmp_path)
-    router = FeedbackRouter(base_router=StubRanker(), store=store, explore=False).fit(ctx)
+    router = FeedbackRouter(base_router=StubRanker(), store=store, explore=False, score_margin=0.02).fit(ctx)
     for i, q in enumerate(LOWER):
         _answered(store, f"chatcmpl-u{i}", q, "uppercase", score=0.45)
         store.add_feedback(f"chatcmpl-u{i}", score=0.0, embed=embedder.encode)
     d = router.route(LOWER_NEW)
     assert d.chosen == ["uppercase"] and d.detail["arms"]["uppercase"]["weight"] < 0.01, d.detail
     near = FeedbackRouter(base_router=StubRanker(ranking=(("uppercase", 0.46), ("reverse_words", 0.41),
-                                                          ("count_words", 0.38))), store=store, explore=False).fit(ctx)
+                                                          ("count_words", 0.38))), store=store, explore=False,
+                          score_margin=0.02).fit(ctx)
     assert near.route(LOWER_NEW).chosen != ["uppercase"]
 
 

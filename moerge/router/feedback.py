@@ -64,6 +64,11 @@ NEGATIVE_LABELS = {"bad", "incorrect", "wrong", "negative", "down", "thumbs_down
 CALIBRATION_NAME = "feedback_calibration.json"
 
 
+class FeedbackUnavailableError(ExpertError):
+    """503: this server keeps no completion records (MOERGE_FEEDBACK_RECORDS=false, or no registry)."""
+    status = 503
+
+
 class UnknownCompletionError(ExpertError):
     """404: feedback names a completion id this server never answered, or one past its retention."""
     status = 404

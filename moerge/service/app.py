@@ -217,7 +217,9 @@ def create_app(runtime: Runtime) -> FastAPI:
         """Store how good a completion was; the `feedback` router learns from it (moerge/router/feedback.py)."""
         _caller(request)
         if feedback is None:
-            raise ExpertError("feedback is not available in this server (no registry)")
+            from moerge.router.feedback import FeedbackUnavailableError
+            raise FeedbackUnavailableError("feedback is not available in this server: it keeps no completion "
+                                           "records (MOERGE_FEEDBACK_RECORDS=false, or no registry)")
         embed = getattr(getattr(runtime, "router_ctx", None), "embed", None)
         item = await run_in_threadpool(feedback.add_feedback, req.id, score=req.score, label=req.label, embed=embed)
         return {"object": "feedback", "id": item.id, "completion_id": item.completion_id, "score": item.score,
@@ -272,7 +274,7 @@ def create_app(runtime: Runtime) -> FastAPI:
 def _feedback_store(runtime: Runtime):
     """The pool's feedback store (its registry's database), or None for a runtime without a registry."""
     registry = getattr(getattr(runtime, "pool", None), "registry", None)
-    if registry is None or not hasattr(registry, "engine"):
+    if registry is None or not hasattr(registry, "engine") or not runtime.settings.feedback_records:
         return None
     from moerge.router.feedback import store_for
     return store_for(registry)

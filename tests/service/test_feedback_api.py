@@ -92,3 +92,29 @@ def test_bad_feedback_gets_a_clear_4xx_and_stores_nothing(server):
     r = httpx.post(f"{url}/v1/feedback", json={"id": cid, "score": 1}, timeout=30)     # no key
     assert r.status_code == 401
     assert _count(runtime) == before
+
+
+@pytest.mark.real
+def test_with_feedback_records_off_nothing_is_kept_and_feedback_is_503(server):
+    """MOERGE_FEEDBACK_RECORDS=false: a chat keeps no record (no query text), and /v1/feedback says why it
+    cannot help."""
+    from starlette.testclient import TestClient
+
+    from moerge.router.feedback import store_for
+    from moerge.service.app import create_app
+    _, runtime, settings = server
+    store = store_for(runtime.pool.registry)
+    before = _count(runtime)
+    runtime.settings = settings.model_copy(update={"feedback_records": False})
+    try:
+        with TestClient(create_app(runtime)) as client:
+            r = client.post("/v1/chat/completions", headers=USER, json={
+                "model": "base", "messages": [{"role": "user", "content": "What is 2 - 1?"}], "max_tokens": 2})
+            assert r.status_code == 200, r.text
+            cid = r.json()["id"]
+            r = client.post("/v1/feedback", json={"id": cid, "score": 1}, headers=USER)
+            assert r.status_code == 503 and "MOERGE_FEEDBACK_RECORDS" in r.json()["error"]["message"], r.text
+    finally:
+        runtime.settings = settings
+    assert store.completion(cid) is None and _count(runtime) == before
+    assert store.completion(_chat(server[0]).json()["id"]) is not None      # on again: recorded

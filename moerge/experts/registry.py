@@ -42,14 +42,16 @@ pool_version_table = Table(
     Column("version", BigInteger, nullable=False),
 )
 
-# Learning from outcomes (moerge/router/feedback.py). Neither table bumps the pool version: feedback is not a
-# pool change. Both are created with `create_all`, which only adds missing tables, so an existing registry
-# gains them at its next start and keeps every row it had.
+# Learning from outcomes (moerge/router/feedback.py), on their own metadata: with SQLite they live in a file of
+# their own beside the registry's (feedback.sqlite), so a chat's record never takes the registry's write lock
+# or changes its file; with PostgreSQL, in the same database. Neither table bumps the pool version: feedback is
+# not a pool change. FeedbackStore creates them with `create_all`, which only adds missing tables.
 # What each chat completion routed to, written when it is answered, so feedback can name it by id; bounded
 # (FeedbackStore keeps the newest `max_completions` rows and none older than `completion_ttl_s`).
+feedback_metadata = MetaData()
 completions_table = Table(
     "completions",
-    metadata,
+    feedback_metadata,
     Column("id", String(64), primary_key=True),          # the response's `chatcmpl-...` id
     Column("created_at", Float, nullable=False, index=True),
     Column("model", String(128), nullable=False),         # what the client asked for: auto, moerge:<m>, an expert
@@ -60,7 +62,7 @@ completions_table = Table(
 # One row per feedback: the completion's query (and its embedding), its routing, the score in [0, 1].
 feedback_table = Table(
     "feedback",
-    metadata,
+    feedback_metadata,
     Column("id", Integer, primary_key=True, autoincrement=True),
     Column("completion_id", String(64), nullable=False),
     Column("created_at", Float, nullable=False),

@@ -1,6 +1,7 @@
 """`feedback`: routing that learns from outcomes (scores or labels sent to `POST /v1/feedback`).
 
-What is stored (the registry's database, tables `completions` and `feedback`, experts/registry.py):
+What is stored (tables `completions` and `feedback`, experts/registry.py; with a SQLite registry in
+`feedback.sqlite` beside it, with PostgreSQL in the registry's database):
 - at completion time, a compact record per chat completion id: the query routing looked at, the
   method, and the plan (chosen expert or base, its score, the top scores). Retention is bounded:
   the newest `max_completions` (default 10 000) and none older than `completion_ttl_s` (default 7
@@ -51,10 +52,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from sqlalchemy import delete, func, insert, select
+from sqlalchemy import create_engine, delete, func, insert, select
 
 from moerge.experts.errors import ExpertError
-from moerge.experts.registry import Registry, completions_table, feedback_table
+from moerge.experts.registry import POOL_LOCK_KEY, Registry, completions_table, feedback_metadata, feedback_table
 from moerge.router.base import ExpertScore, Router, RoutingDecision, make_router
 
 BASE_ARM = "(base)"
@@ -142,12 +143,30 @@ class FeedbackItem:
     created_at: float = 0.0
 
 
+def feedback_engine(registry: Registry):
+    """The database of the completion and feedback tables, created if missing. With a SQLite registry, a file
+    of its own beside the registry's (feedback.sqlite): chats write a record each, and those writes must not
+    hold the registry's write lock (registrations would wait on them) nor change its file. With PostgreSQL,
+    the registry's own database (row locks only), under its advisory lock while tables are created."""
+    engine = registry.engine
+    if engine.url.get_backend_name() == "sqlite" and engine.url.database not in (None, "", ":memory:"):
+        path = Path(engine.url.database).with_name("feedback.sqlite")
+        engine = create_engine(f"sqlite:///{path}", future=True,
+                               connect_args={"timeout": registry.busy_timeout_s})
+    with registry.typed_errors(), engine.begin() as conn:
+        if registry.is_postgres:
+            conn.execute(select(func.pg_advisory_xact_lock(POOL_LOCK_KEY)))
+        feedback_metadata.create_all(conn)
+    return engine
+
+
 class FeedbackStore:
     """Completion records and feedback rows in the registry's database (SQLite or PostgreSQL)."""
 
     def __init__(self, registry: Registry, *, max_completions: int = 10_000, completion_ttl_s: float = 7 * 86400,
                  max_feedback: int = 100_000, prune_every: int = 100):
         self.registry = registry
+        self.engine = feedback_engine(registry)
         self.max_completions, self.completion_ttl_s = max_completions, completion_ttl_s
         self.max_feedback, self.prune_every = max_feedback, prune_every
         self._writes = 0
@@ -159,13 +178,13 @@ class FeedbackStore:
                           now: float | None = None) -> None:
         row = {"id": completion_id, "created_at": now or time.time(), "model": model[:128], "method": method[:64],
                "query": query, "plan": json.dumps(plan)}
-        with self.registry.begin() as conn:
+        with self.registry.typed_errors(), self.engine.begin() as conn:
             conn.execute(insert(completions_table).values(**row))
         self._maybe_prune()
 
     def completion(self, completion_id: str) -> dict | None:
         cutoff = time.time() - self.completion_ttl_s
-        with self.registry.typed_errors(), self.registry.engine.connect() as c:
+        with self.registry.typed_errors(), self.engine.connect() as c:
             row = c.execute(select(completions_table).where(completions_table.c.id == completion_id)).first()
         if row is None or row.created_at < cutoff:
             return None
@@ -176,7 +195,7 @@ class FeedbackStore:
         """Drop completions past the TTL or beyond the newest `max_completions`, and feedback beyond the
         newest `max_feedback`."""
         now = now or time.time()
-        with self.registry.begin() as conn:
+        with self.registry.typed_errors(), self.engine.begin() as conn:
             conn.execute(delete(completions_table).where(completions_table.c.created_at < now - self.completion_ttl_s))
             n = conn.execute(select(func.count()).select_from(completions_table)).scalar_one()
             if n > self.max_completions:
@@ -214,7 +233,7 @@ class FeedbackStore:
         row = {"completion_id": completion_id, "created_at": now, "completed_at": rec["created_at"],
                "method": rec["method"], "arm": plan.get("arm"), "score": value, "label": lab, "query": rec["query"],
                "embedding": vec.tobytes() if vec is not None else None, "plan": json.dumps(plan), "source": source}
-        with self.registry.begin() as conn:
+        with self.registry.typed_errors(), self.engine.begin() as conn:
             fid = conn.execute(insert(feedback_table).values(**row)).inserted_primary_key[0]
         self._maybe_prune()
         item = FeedbackItem(int(fid), completion_id, plan.get("arm"), value, vec, plan.get("arm_score"),
@@ -229,7 +248,7 @@ class FeedbackStore:
         stmt = select(t.c.id, t.c.completion_id, t.c.arm, t.c.score, t.c.embedding, t.c.plan, t.c.query, t.c.method,
                       t.c.created_at).where(t.c.id > since_id)
         stmt = stmt.order_by(t.c.id.desc()).limit(limit) if limit else stmt.order_by(t.c.id)
-        with self.registry.typed_errors(), self.registry.engine.connect() as c:
+        with self.registry.typed_errors(), self.engine.connect() as c:
             rows = c.execute(stmt).all()
         if limit:
             rows = rows[::-1]
@@ -242,11 +261,11 @@ class FeedbackStore:
         return out
 
     def last_id(self) -> int:
-        with self.registry.typed_errors(), self.registry.engine.connect() as c:
+        with self.registry.typed_errors(), self.engine.connect() as c:
             return int(c.execute(select(func.max(feedback_table.c.id))).scalar() or 0)
 
     def count(self) -> int:
-        with self.registry.typed_errors(), self.registry.engine.connect() as c:
+        with self.registry.typed_errors(), self.engine.connect() as c:
             return int(c.execute(select(func.count()).select_from(feedback_table)).scalar_one())
 
     def subscribe(self, listener) -> None:

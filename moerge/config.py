@@ -135,7 +135,8 @@ class Settings(BaseSettings):
                               "more gets 503 with Retry-After. 0 = unlimited")
     feedback_records: bool = Field(default=True, description="keep what each chat completion routed to, with "
                                    "its query text, so POST /v1/feedback can name it (the newest 10 000, none "
-                                   "older than 7 days, in the registry's database); false: nothing is kept "
+                                   "older than 7 days; feedback.sqlite beside a SQLite registry, else the "
+                                   "registry's database); false: nothing is kept "
                                    "and /v1/feedback answers 503")
     request_timeout_s: float = Field(default=0.0, ge=0, description="seconds a chat request may take on the engine "
                                      "before it is aborted (504); 0 = no limit")

@@ -46,3 +46,18 @@ def tree_snapshot(root: Path, ignore: tuple[str, ...] = (".lock",)) -> dict[str,
     """Every file under root with its bytes (to assert 'byte-for-byte unchanged')."""
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(Path(root).rglob("*"))
             if p.is_file() and p.name not in ignore}
+
+
+# <|im_start|>, <|im_end|>: vLLM reports the stop token in its output ids, the reference engine does not
+STOP_TOKENS = (1, 2)
+
+
+def answer_tokens(generation) -> list[int]:
+    """A generation's token ids without the chat stop tokens, so two engines' outputs compare."""
+    return [t for t in generation.token_ids if t not in STOP_TOKENS]
+
+
+def pinned(*names: str):
+    """The routing decision of a request that names its experts."""
+    from moerge.router.base import ExpertScore, RoutingDecision
+    return RoutingDecision("pinned", "sequence", experts=[ExpertScore(n, 1.0) for n in names], chosen=list(names))

@@ -130,6 +130,14 @@ class RemoteArtifactStore(ArtifactStore):
         finally:
             tmp.unlink(missing_ok=True)
 
+    def size(self, digest: str) -> int:
+        """From the cached copy, or the object's metadata: sizing a blob never downloads it."""
+        local = self.blobs / check_digest(digest)[:2] / digest
+        if local.exists():
+            return local.stat().st_size
+        with self._remote(f"reading the size of blob {digest}"):
+            return int(self.fs.size(self.remote_path(digest)))
+
     def has(self, digest: str) -> bool:
         with self._remote(f"looking for blob {digest}"):
             return self.fs.exists(self.remote_path(digest))

@@ -63,6 +63,10 @@ class ArtifactStore:
     def has(self, digest: str) -> bool:
         return self.path(digest).exists()
 
+    def size(self, digest: str) -> int:
+        """The blob's size in bytes (OSError if it is missing)."""
+        return self.path(digest).stat().st_size
+
     def read(self, digest: str) -> bytes:
         return self.path(digest).read_bytes()
 

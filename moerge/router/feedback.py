@@ -502,8 +502,9 @@ class FeedbackRouter(Router):
             self._refresh()
             arms = self.arms(base.experts)
             priors = self.priors(base, arms)
-            q = embed_key(self.ctx.embed, query)
-            near = self.memory.neighbours(q, self.k, self.min_sim)
+            # no feedback yet: no neighbours to look for, so no embedding to compute
+            near = self.memory.neighbours(embed_key(self.ctx.embed, query), self.k, self.min_sim) \
+                if self.memory.items else []
             version = self.memory.version
         post = {a: list(p) for a, p in priors.items()}
         seen = {a: [0, 0.0, 0.0] for a in arms}

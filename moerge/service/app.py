@@ -272,7 +272,8 @@ def create_app(runtime: Runtime) -> FastAPI:
 
 
 def _feedback_store(runtime: Runtime):
-    """The pool's feedback store (its registry's database), or None for a runtime without a registry."""
+    """The pool's feedback store (feedback.sqlite beside a SQLite registry, or the PostgreSQL registry's
+    database), or None without a registry or with MOERGE_FEEDBACK_RECORDS=false."""
     registry = getattr(getattr(runtime, "pool", None), "registry", None)
     if registry is None or not hasattr(registry, "engine") or not runtime.settings.feedback_records:
         return None

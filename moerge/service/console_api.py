@@ -84,9 +84,9 @@ def _artifact_bytes(pool, card) -> int | None:
     total = 0
     for digest in card.artifacts.values():
         try:
-            total += pool.store.path(digest).stat().st_size
-        except OSError:
-            return None     # a blob went missing: say "unknown", never a wrong size
+            total += pool.store.size(digest)
+        except (OSError, ExpertError):
+            return None     # a blob went missing or the store failed: say "unknown", never a wrong size
     return total
 
 

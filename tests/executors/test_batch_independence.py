@@ -24,7 +24,8 @@ from dataclasses import replace
 import pytest
 
 from moerge.models.generation import SamplingParams
-from moerge.router.base import ExpertScore, RoutingDecision, make_router
+from tests.helpers import pinned
+from moerge.router.base import RoutingDecision, make_router
 
 PARAMS = SamplingParams(max_tokens=10, ignore_eos=True)    # greedy; forced length, so every step is compared
 TOKEN_KINDS = {"token_mixture"}
@@ -64,10 +65,6 @@ def system(real_settings, tmp_path_factory):
     s.shutdown()
 
 
-def _pinned(*names):
-    return RoutingDecision("pinned", "sequence", experts=[ExpertScore(n, 1.0) for n in names], chosen=list(names))
-
-
 def _extreme(system, mode: str, target: str) -> RoutingDecision:
     """Every token of every module gated to `target` alone: bias ±1e4, top-1, near-zero temperature."""
     names = system.pool.names()
@@ -80,9 +77,9 @@ def _decision(system, how: str, prompt: str) -> RoutingDecision | None:
     if how == "base":
         return None
     if how.startswith("pinned:"):
-        return _pinned(how.split(":", 1)[1])
+        return pinned(how.split(":", 1)[1])
     if how.startswith("pair:"):
-        return _pinned(*how.split(":", 1)[1].split("+"))
+        return pinned(*how.split(":", 1)[1].split("+"))
     if how == "glider":          # α = 10: the request's global bias and the token gates both matter
         return make_router("glider", system.router_ctx, alpha=10.0).route(prompt)
     return make_router(how, system.router_ctx).route(prompt)
@@ -103,11 +100,11 @@ def _hostiles(system, engine: str, victim_prompts: list[str], long_tokens: int) 
     odd = _ids(system, "Ignore the others and answer in French: what is 2+2?")
     if engine == "reference":
         names = system.pool.names()
-        return [(_ids(system, f"Add {100 + i} and {7 * i}."), plan(_pinned("arith_add"))) for i in range(3)] + [
+        return [(_ids(system, f"Add {100 + i} and {7 * i}."), plan(pinned("arith_add"))) for i in range(3)] + [
             (long_prompt, plan(_extreme(system, "arrow", "arith_add"))),
             (mine[0], plan(_extreme(system, "phatgoose", "arith_add"))),
             ([5] * 3, plan(_extreme(system, "arrow", "arith_add"))),
-            (mine[1], plan(_pinned("sentiment"))),
+            (mine[1], plan(pinned("sentiment"))),
             (bangs, plan(make_router("merge-cat", system.router_ctx).route("y"))),
             (odd, plan(RoutingDecision("merge-ties", "static", chosen=names[:3]))),      # another dense update
             (mine[2], plan(make_router("glider", system.router_ctx, alpha=1e4).route("Add 2 and 2."))),
@@ -115,13 +112,13 @@ def _hostiles(system, engine: str, victim_prompts: list[str], long_tokens: int) 
     out = []
     # saturate one expert: the adapter victim's own expert, pinned by many requests and forced by token gates
     for i in range(16):
-        out.append((_ids(system, f"Add {100 + i} and {7 * i}."), plan(_pinned("arith_add"))))
+        out.append((_ids(system, f"Add {100 + i} and {7 * i}."), plan(pinned("arith_add"))))
     for mode in ("arrow", "phatgoose"):
         for ids in (long_prompt, bangs, [5] * 3, *mine):
             out.append((ids, plan(_extreme(system, mode, "arith_add"))))
     # other adapters, on very long and degenerate prompts and on the victims' own prompts
     for i, name in enumerate(("sentiment", "uppercase", "reverse_words", "capital_of")):
-        out.append((long_prompt if i % 2 == 0 else mine[i % 3], plan(_pinned(name))))
+        out.append((long_prompt if i % 2 == 0 else mine[i % 3], plan(pinned(name))))
     out.append((bangs, plan(make_router("merge-cat", system.router_ctx).route("y"))))
     out.append((long_prompt, plan(make_router("glider", system.router_ctx, alpha=1e4).route("Add 2 and 2."))))
     out.append((odd, plan(make_router("phatgoose", system.router_ctx).route("x " * 50))))

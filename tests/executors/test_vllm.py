@@ -11,17 +11,12 @@ import pytest
 
 from moerge.models.generation import SamplingParams
 from moerge.plan import PlanError
-from moerge.router.base import ExpertScore, RoutingDecision, make_router
-from tests.helpers import make_lora
+from moerge.router.base import RoutingDecision, make_router
+from tests.helpers import answer_tokens, make_lora, pinned
 
 BASE_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 PROMPTS = ["What is 345 + 210? Answer with the number only.", "Convert to upper case: the cat sat on the mat",
            "Reverse the order of the words: red green blue", "What is the capital of Peru?"]
-STOPS = (1, 2)   # <|im_start|>, <|im_end|>: vLLM reports the stop token, the reference engine does not
-
-
-def _tokens(g):
-    return [t for t in g.token_ids if t not in STOPS]
 
 
 @pytest.fixture(scope="module")
@@ -39,10 +34,6 @@ def _ids(system, prompts):
     return [system.encode([{"role": "user", "content": p}]) for p in prompts]
 
 
-def _pinned(name):
-    return RoutingDecision("pinned", "sequence", experts=[ExpertScore(name, 1.0)], chosen=[name])
-
-
 @pytest.mark.real
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["base", "pinned", "arrow", "phatgoose", "glider", "merge-linear", "merge-cat"])
@@ -51,7 +42,7 @@ def test_every_method_gives_the_reference_engines_tokens_on_vllm(system, method)
     # forced length: merge-cat (every expert summed) ends at once otherwise, which would prove nothing
     params = SamplingParams(max_tokens=10, ignore_eos=True)
     if method == "pinned":
-        decisions = [_pinned(n) for n in ("arith_add", "uppercase", "reverse_words", "capital_of")]
+        decisions = [pinned(n) for n in ("arith_add", "uppercase", "reverse_words", "capital_of")]
     elif method == "glider":   # α = 10: the global bias and the token gates both matter
         router = make_router("glider", system.router_ctx, alpha=10.0)
         decisions = [router.route(p) for p in PROMPTS]
@@ -62,7 +53,7 @@ def test_every_method_gives_the_reference_engines_tokens_on_vllm(system, method)
     assert {p.engine for p in plans} == {"vllm"}, [p.fallback for p in plans]
     got = vx.generate_many(_ids(system, PROMPTS), params, plans)
     want = ref.generate_many(_ids(system, PROMPTS), params, [replace(p, engine="reference") for p in plans])
-    assert [_tokens(g) for g in got] == [_tokens(w) for w in want]
+    assert [answer_tokens(g) for g in got] == [answer_tokens(w) for w in want]
     assert all(len(g.token_ids) == 10 for g in got)
     if plans[0].kind == "token_mixture":
         for g, w in zip(got, want):
@@ -79,7 +70,7 @@ def test_a_request_gets_the_same_tokens_and_routing_alone_and_in_a_hostile_batch
     arrow = make_router("arrow", system.router_ctx)
     phat = make_router("phatgoose", system.router_ctx)
     victims = [system.plan(arrow.route(PROMPTS[1])), system.plan(phat.route(PROMPTS[2])),
-               system.plan(_pinned("arith_add")), system.plan(None)]
+               system.plan(pinned("arith_add")), system.plan(None)]
     victim_ids = _ids(system, [PROMPTS[1], PROMPTS[2], PROMPTS[0], PROMPTS[3]])
     alone = [vx.generate_many([i], params, [p])[0] for i, p in zip(victim_ids, victims)]
     names = system.pool.names()
@@ -88,7 +79,7 @@ def test_a_request_gets_the_same_tokens_and_routing_alone_and_in_a_hostile_batch
     tok = vx.tokenizer
     hostile_ids = [tok("zz " * 400)["input_ids"], tok("!!!!" * 100)["input_ids"], victim_ids[0], [5] * 3,
                    _ids(system, ["Ignore the others and answer in French: what is 2+2?"])[0]]
-    hostile = [system.plan(extreme), system.plan(_pinned("sentiment")), system.plan(phat.route("x " * 50)),
+    hostile = [system.plan(extreme), system.plan(pinned("sentiment")), system.plan(phat.route("x " * 50)),
                system.plan(None), system.plan(make_router("merge-cat", system.router_ctx).route("y"))]
     mixed_ids, mixed_plans = [], []
     for i in range(len(victims)):       # interleave victims with hostile requests in one submission
@@ -99,7 +90,7 @@ def test_a_request_gets_the_same_tokens_and_routing_alone_and_in_a_hostile_batch
     together = vx.generate_many(mixed_ids, params, mixed_plans)
     for k, a in enumerate(alone):
         t = together[2 * k + 1]
-        assert _tokens(t) == _tokens(a)
+        assert answer_tokens(t) == answer_tokens(a)
         assert t.layer_usage == a.layer_usage
     assert alone[0].layer_usage and alone[1].layer_usage        # token-level victims report routing
 
@@ -127,7 +118,7 @@ def test_an_expert_registered_while_serving_joins_token_routing_without_a_restar
         ids = _ids(system, PROMPTS[:2])
         got = vx.generate_many(ids, SamplingParams(max_tokens=8), [plan, plan])
         want = ref.generate_many(ids, SamplingParams(max_tokens=8), [replace(plan, engine="reference")] * 2)
-        assert [_tokens(g) for g in got] == [_tokens(w) for w in want]
+        assert [answer_tokens(g) for g in got] == [answer_tokens(w) for w in want]
         assert any("late-joiner" in shares for g in got for shares in g.layer_usage.values())
         assert any(k.startswith("late-joiner@") for k in vx.describe()["resident_experts"])
     finally:
@@ -151,7 +142,7 @@ def test_plans_vllm_cannot_run_fall_back_with_the_reason_or_are_refused(system, 
     system.pool.register_lora(ad, "wide", "a rank-32 adapter")
     vx.max_lora_rank = 16
     try:
-        plan = system.plan(_pinned("wide"))
+        plan = system.plan(pinned("wide"))
     finally:
         vx.max_lora_rank = 64
         system.pool.remove("wide")
@@ -199,10 +190,10 @@ def test_an_expert_removed_and_registered_again_many_times_leaves_nothing_stale_
             ad = make_lora(base_model_dir, tmp_path / f"churn{cycle}", base_name=BASE_ID, r=4, seed=100 + cycle,
                            scale_b=0.3)
             system.pool.register_lora(ad, "churn", f"version {cycle} of an expert registered and removed")
-            pinned = system.plan(_pinned("churn"))
+            pinned_plan = system.plan(pinned("churn"))
             routed = system.plan(arrow.route(PROMPTS[0]))
-            assert pinned.engine == routed.engine == "vllm" and "churn" in [e.name for e in routed.experts]
-            got = vx.generate_many(ids, SamplingParams(max_tokens=4), [pinned, routed])
+            assert pinned_plan.engine == routed.engine == "vllm" and "churn" in [e.name for e in routed.experts]
+            got = vx.generate_many(ids, SamplingParams(max_tokens=4), [pinned_plan, routed])
             assert all(g.completion_tokens > 0 for g in got)
             system.pool.remove("churn")
             keys = _wait_gone(vx, "churn@")
@@ -228,7 +219,7 @@ def test_removing_an_expert_under_a_running_request_lets_it_finish_on_the_old_we
     system.pool.register_lora(ad, "doomed", "an expert removed while it answers")
     params = SamplingParams(max_tokens=160, temperature=0.0, ignore_eos=True)
     ids = _ids(system, PROMPTS[1:2])
-    plan = system.plan(_pinned("doomed"))
+    plan = system.plan(pinned("doomed"))
     want = vx.generate_many(ids, params, [plan])[0]
     out = {}
     worker = threading.Thread(target=lambda: out.setdefault("got", vx.generate_many(ids, params, [plan])[0]))
@@ -240,6 +231,6 @@ def test_removing_an_expert_under_a_running_request_lets_it_finish_on_the_old_we
     still = vx.describe()["resident_experts"]
     worker.join(300)
     assert any(k.startswith("doomed@") for k in still), still     # kept while its request runs
-    assert _tokens(out["got"]) == _tokens(want) and len(_tokens(want)) >= 150
+    assert answer_tokens(out["got"]) == answer_tokens(want) and len(answer_tokens(want)) >= 150
     keys = _wait_gone(vx, "doomed@")
     assert not any(k.startswith("doomed@") for k in keys), keys

@@ -14,20 +14,10 @@ import psutil
 import pytest
 
 from moerge.models.generation import SamplingParams
-from moerge.router.base import ExpertScore, RoutingDecision
-from tests.helpers import make_lora
+from tests.helpers import answer_tokens, make_lora, pinned
 
 BASE_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
-STOPS = (1, 2)
 MESSAGES = [{"role": "user", "content": "Convert to upper case: the cat sat on the mat"}]
-
-
-def _tokens(g):
-    return [t for t in g.token_ids if t not in STOPS]
-
-
-def _pinned(name):
-    return RoutingDecision("pinned", "sequence", experts=[ExpertScore(name, 1.0)], chosen=[name])
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +62,7 @@ def test_once_an_expert_is_replaced_no_request_gets_its_old_weights(system, base
     new = make_lora(base_model_dir, tmp_path / "new", base_name=BASE_ID, r=4, seed=12, scale_b=0.3)
 
     def answer():
-        plan = system.plan(_pinned("swapped"))
+        plan = system.plan(pinned("swapped"))
         assert plan.engine == "vllm", plan.fallback
         got = asyncio.run(vx.agenerate(MESSAGES, params, plan))
         want = ref.generate(MESSAGES, params, replace(plan, engine="reference"))
@@ -88,10 +78,10 @@ def test_once_an_expert_is_replaced_no_request_gets_its_old_weights(system, base
         new_plan, new_got, new_want = answer()
     finally:
         system.pool.remove("swapped")
-    assert _tokens(old_got) == _tokens(old_want)
-    assert _tokens(old_want) != _tokens(new_want)          # the two weight sets answer differently
+    assert answer_tokens(old_got) == answer_tokens(old_want)
+    assert answer_tokens(old_want) != answer_tokens(new_want)          # the two weight sets answer differently
     assert old_plan.experts[0].key != new_plan.experts[0].key
-    assert _tokens(new_got) == _tokens(new_want)           # the new weights, never the old
+    assert answer_tokens(new_got) == answer_tokens(new_want)           # the new weights, never the old
 
 
 def _engine_core_pids() -> list[int]:
@@ -145,4 +135,4 @@ def test_a_killed_engine_fails_requests_in_flight_then_is_restarted(system):
 
     ready_after, again = asyncio.run(after_restart())
     assert ready_after.status_code == 200
-    assert _tokens(again) == _tokens(before)
+    assert answer_tokens(again) == answer_tokens(before)

@@ -21,12 +21,11 @@ import pytest
 
 from moerge.executors.engine_server import EngineServer
 from moerge.models.generation import SamplingParams
-from moerge.router.base import ExpertScore, RoutingDecision
-from tests.helpers import make_lora
+from moerge.router.base import RoutingDecision
+from tests.helpers import answer_tokens, make_lora, pinned
 from tests.service.test_openai_client import ServerThread, free_port
 
 BASE_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
-STOPS = (1, 2)   # <|im_start|>, <|im_end|>: vLLM reports the stop token, the reference engine does not
 EXPERTS = ("arith_add", "uppercase", "reverse_words", "capital_of", "sentiment")
 PROMPTS = {"arith_add": "What is 345 + 210? Answer with the number only.",
            "uppercase": "Convert to upper case: the cat sat on the mat",
@@ -34,14 +33,6 @@ PROMPTS = {"arith_add": "What is 345 + 210? Answer with the number only.",
            "capital_of": "What is the capital of Peru?",
            "sentiment": "Is this review positive or negative? The food was cold and late."}
 SLOTS = 2
-
-
-def _tokens(g):
-    return [t for t in g.token_ids if t not in STOPS]
-
-
-def _pinned(name):
-    return RoutingDecision("pinned", "sequence", experts=[ExpertScore(name, 1.0)], chosen=[name])
 
 
 @pytest.fixture(scope="module")
@@ -109,16 +100,16 @@ def _ids(system, names):
 def test_every_adapter_gives_the_reference_tokens_with_more_adapters_than_one_engine_holds(system, service):
     sx, ref = system.local
     assert sx.name == "servers" and ref.name == "reference"
-    plans = [system.plan(_pinned(n)) for n in EXPERTS]
+    plans = [system.plan(pinned(n)) for n in EXPERTS]
     assert {p.engine for p in plans} == {"servers"} and not any(p.fallback for p in plans)
     params = SamplingParams(max_tokens=8, ignore_eos=True)
     want = ref.generate_many(_ids(system, EXPERTS), params, [replace(p, engine="reference") for p in plans])
     for round_ in range(2):       # twice, each adapter alone: 5 adapters through 4 slots, every one evicted once
         got = [sx.generate_tokens(i, params, p) for i, p in zip(_ids(system, EXPERTS), plans)]
-        assert [_tokens(g) for g in got] == [_tokens(w) for w in want], round_
+        assert [answer_tokens(g) for g in got] == [answer_tokens(w) for w in want], round_
     together = sx.generate_many(_ids(system, EXPERTS), params, plans)      # all at once: one waits for a slot
-    assert [_tokens(g) for g in together] == [_tokens(w) for w in want]
-    assert len({tuple(_tokens(w)) for w in want}) == len(EXPERTS)          # the experts really differ
+    assert [answer_tokens(g) for g in together] == [answer_tokens(w) for w in want]
+    assert len({tuple(answer_tokens(w)) for w in want}) == len(EXPERTS)          # the experts really differ
     m = _metrics(service)
     assert _total(m, "moerge_engine_adapter_loads_total") >= len(EXPERTS) + 1
     assert _total(m, "moerge_engine_adapter_unloads_total", reason="lru") >= 1
@@ -144,7 +135,7 @@ def test_every_adapter_gives_the_reference_tokens_with_more_adapters_than_one_en
 def _fresh_expert(system, base_model_dir, tmp_path, name: str, seed: int):
     ad = make_lora(base_model_dir, tmp_path / f"{name}-{seed}", base_name=BASE_ID, r=4, seed=seed, scale_b=0.3)
     system.pool.register_lora(ad, name, f"a random adapter ({name}, seed {seed})")
-    return system.plan(_pinned(name))
+    return system.plan(pinned(name))
 
 
 def _loads(sx) -> int:
@@ -172,7 +163,7 @@ def test_an_adapter_with_a_request_in_flight_is_not_evicted(system):
     """A long request on one adapter while every other slot turns over twice: it keeps its slot, and
     its tokens equal a run with no pressure."""
     sx, _ = system.local
-    plans = {n: system.plan(_pinned(n)) for n in EXPERTS}
+    plans = {n: system.plan(pinned(n)) for n in EXPERTS}
     long = SamplingParams(max_tokens=400, ignore_eos=True)
     ids = _ids(system, ["uppercase"])[0]
     want = sx.generate_tokens(ids, long, plans["uppercase"])
@@ -192,7 +183,7 @@ def test_an_adapter_with_a_request_in_flight_is_not_evicted(system):
         assert any(key in s["adapters"] for s in sx.placement())
     assert worker.is_alive(), "the long request ended before the pressure did: make it longer"
     worker.join(300)
-    assert _tokens(out["got"]) == _tokens(want) and len(want.token_ids) == 400
+    assert answer_tokens(out["got"]) == answer_tokens(want) and len(want.token_ids) == 400
     after = {s["url"]: s["unloads"] for s in sx.placement()}
     assert sum(after[u].get("lru", 0) - unloads_before[u].get("lru", 0) for u in after) >= 2   # others were evicted
 
@@ -205,7 +196,7 @@ def test_a_removed_and_registered_again_expert_is_never_served_with_old_weights(
     params = SamplingParams(max_tokens=8, ignore_eos=True)
     old = _fresh_expert(system, base_model_dir, tmp_path, "flip", seed=21)
     got_old = sx.generate_tokens(ids, params, old)
-    assert _tokens(got_old) == _tokens(ref.generate_many([ids], params, [replace(old, engine="reference")])[0])
+    assert answer_tokens(got_old) == answer_tokens(ref.generate_many([ids], params, [replace(old, engine="reference")])[0])
     old_key = old.experts[0].key
     removed_before = sum(s["unloads"].get("removed", 0) for s in sx.placement())
     system.pool.remove("flip")
@@ -219,7 +210,7 @@ def test_a_removed_and_registered_again_expert_is_never_served_with_old_weights(
     assert new.experts[0].key != old_key
     got_new = sx.generate_tokens(ids, params, new)
     want_new = ref.generate_many([ids], params, [replace(new, engine="reference")])[0]
-    assert _tokens(got_new) == _tokens(want_new) != _tokens(got_old)
+    assert answer_tokens(got_new) == answer_tokens(want_new) != answer_tokens(got_old)
 
 
 def _running(url: str) -> float:
@@ -232,7 +223,7 @@ def _running(url: str) -> float:
 @pytest.mark.long
 def test_closing_a_stream_aborts_the_request_on_the_server(system):
     sx, _ = system.local
-    plan = system.plan(_pinned("uppercase"))
+    plan = system.plan(pinned("uppercase"))
     messages = [{"role": "user", "content": PROMPTS["uppercase"]}]
 
     async def run():
@@ -264,7 +255,7 @@ def test_the_placement_of_a_running_pool_is_adopted_by_a_new_executor(system, ba
         assert fresh.wait_ready(30)
         assert {s["url"]: set(s["adapters"]) for s in fresh.placement()} == held
         name = sorted(set().union(*held.values()))[0].split("@")[0]
-        fresh.generate_tokens(_ids(system, ["uppercase"])[0], SamplingParams(max_tokens=2), system.plan(_pinned(name)))
+        fresh.generate_tokens(_ids(system, ["uppercase"])[0], SamplingParams(max_tokens=2), system.plan(pinned(name)))
         assert sum(s["loads"] for s in fresh.placement()) == 0
     finally:
         fresh.shutdown()
@@ -276,13 +267,13 @@ def test_the_placement_of_a_running_pool_is_adopted_by_a_new_executor(system, ba
 def test_a_killed_server_is_left_for_the_other_and_used_again_when_it_is_back(system, engines, service):
     import signal
     sx, ref = system.local
-    plans = [system.plan(_pinned(n)) for n in EXPERTS]
+    plans = [system.plan(pinned(n)) for n in EXPERTS]
     params = SamplingParams(max_tokens=6, ignore_eos=True)
     want = ref.generate_many(_ids(system, EXPERTS), params, [replace(p, engine="reference") for p in plans])
     victim, survivor = engines
     victim.stop(signal.SIGKILL)
     got = [sx.generate_tokens(i, params, p) for i, p in zip(_ids(system, EXPERTS), plans)]
-    assert [_tokens(g) for g in got] == [_tokens(w) for w in want]
+    assert [answer_tokens(g) for g in got] == [answer_tokens(w) for w in want]
     m = _metrics(service)
     assert _total(m, "moerge_engine_up", engine=victim.url) == 0
     assert _total(m, "moerge_engine_up", engine=survivor.url) == 1
@@ -294,5 +285,5 @@ def test_a_killed_server_is_left_for_the_other_and_used_again_when_it_is_back(sy
         time.sleep(0.2)
     loads = {s["url"]: s["loads"] for s in sx.placement()}
     got = sx.generate_many(_ids(system, EXPERTS), params, plans)      # 5 adapters, 2 slots each: both serve
-    assert [_tokens(g) for g in got] == [_tokens(w) for w in want]
+    assert [answer_tokens(g) for g in got] == [answer_tokens(w) for w in want]
     assert next(s for s in sx.placement() if s["url"] == victim.url)["loads"] > loads[victim.url]

@@ -134,6 +134,10 @@ def test_second_replica_reads_the_expert_through_s3(tmp_path, s3, registry, tiny
         assert isinstance(b.store, RemoteArtifactStore) and b.store.url == s3["url"]
         assert b.store.cached_digests() == set()
         got = b.get("adder")
+        # sizing a blob (the console's pool page) reads the object's metadata, never downloads it
+        sizes = {d: b.store.size(d) for d in got.artifacts.values()}
+        assert sizes == {d: s3["client"].head_object(Bucket=s3["bucket"], Key=blob_key(d))["ContentLength"]
+                         for d in got.artifacts.values()} and b.store.cached_digests() == set()
         assert b.artifact_tensors(got, "example_embeddings")["embeddings"].shape == (1, 384)
         folder = b.adapter_dir(got)
         assert folder.parent == tmp_path / "b" / "adapters"

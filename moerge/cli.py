@@ -216,6 +216,61 @@ def experts_train_gate(
     console.print(f"trained gate of {card.name} ({steps} steps)")
 
 
+@experts_app.command("build-esft")
+@_guard
+def experts_build_esft(
+    task: str,
+    name: Optional[str] = typer.Option(None, "--name", help="expert name (default: esft-TASK)"),
+    steps: int = typer.Option(100, "--steps"),
+    threshold: Optional[float] = typer.Option(None, "--threshold", help="cumulative affinity p (default: "
+                                              "ESFT's, 0.2 for token, 0.1 for gate)"),
+    metric: str = typer.Option("token", "--metric", help="token (token selection ratio) | gate (average gate score)"),
+    max_per_layer: Optional[int] = typer.Option(None, "--max-per-layer", help="at most this many experts a layer"),
+    out: Optional[Path] = typer.Option(None, "--out", help="adapter folder (default: runs/esft/NAME)"),
+    register: bool = typer.Option(True, "--register/--no-register", help="register it in the pool afterwards"),
+) -> None:
+    """Fine-tune the experts of the pool's MoE base that TASK routes to most (ESFT) and save them as an adapter."""
+    from moerge.experts.card import check_name
+    from moerge.moe.base import require_moe
+    from moerge.moe.esft_train import EsftConfig, build_esft
+    from moerge.tasks import get_task
+    try:
+        t = get_task(task)
+    except KeyError as e:
+        fail(str(e.args[0]))
+    name = check_name(name or f"esft-{task}")
+    s = get_settings()
+    pool = _pool() if register else None
+    if pool is not None:
+        pool._ensure_free(name)
+    base = require_moe(s.pool_path)
+    cfg = EsftConfig(task=task, metric=metric, threshold=threshold, max_per_layer=max_per_layer, steps=steps)
+    folder = out or Path("runs") / "esft" / name
+    manifest = build_esft(base, cfg, folder, progress=lambda m: err.print(m, highlight=False))
+    console.print(f"ESFT adapter for {task}: {manifest['n_experts']} experts over {len(manifest['experts'])} layers, "
+                  f"{manifest['adapter_bytes'] / 2**20:.1f} MiB, dev accuracy {manifest['dev_acc']:.3f} -> {folder}")
+    if pool is not None:
+        examples = [smp.prompt for smp in t.samples(5, 99, "train")]
+        card = pool.register_esft(folder, name, t.description, tags=t.tags, examples=examples)
+        console.print(f"registered [bold]{card.name}[/] (esft on {card.base_model}, {len(card.artifacts)} artifacts)")
+
+
+@experts_app.command("add-esft")
+@_guard
+def experts_add_esft(
+    folder: Path,
+    name: str = typer.Option(..., "--name"),
+    description: str = typer.Option("", "--description"),
+    example: list[str] = typer.Option([], "--example", help="an example prompt (repeatable)"),
+    tag: list[str] = typer.Option([], "--tag"),
+) -> None:
+    """Register an ESFT adapter folder (esft_config.json + esft_model.safetensors) trained on the current MoE base."""
+    card = _pool().register_esft(folder, name, description, tags=tag, examples=example)
+    info = card.extra["esft"]
+    console.print(f"registered [bold]{card.name}[/] (esft on {card.base_model}: {info['experts']} experts over "
+                  f"{info['layers']} layers, {len(card.artifacts)} artifacts)")
+
+
 @app.command()
 @_guard
 def route(prompt: str, method: str = typer.Option("glider-global", "--method", "-m"),

@@ -60,6 +60,8 @@ class Settings(BaseSettings):
 
     base_model_id: str = BASE_MODEL_ID
     max_upload_mb: float = Field(default=64.0, description="largest single adapter file accepted")
+    max_esft_upload_mb: float = Field(default=1024.0, description="largest ESFT adapter weights file accepted "
+                                      "(whole experts: about 5.3 MB each for SmolLM2-135M in bf16)")
     max_lora_rank: int = Field(default=256, ge=1)
     registry_busy_timeout_s: float = Field(default=5.0, gt=0, description="seconds a registry call waits for "
                                            "another process's lock (SQLite's database lock; with PostgreSQL, "
@@ -183,6 +185,10 @@ class Settings(BaseSettings):
     @property
     def max_upload_bytes(self) -> int:
         return int(self.max_upload_mb * 1024 * 1024)
+
+    @property
+    def max_esft_upload_bytes(self) -> int:
+        return int(self.max_esft_upload_mb * 1024 * 1024)
 
 
 @lru_cache(maxsize=1)

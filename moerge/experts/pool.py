@@ -49,10 +49,12 @@ class ExpertPool:
     def __init__(self, root: Path, registry_url: str, base_spec: BaseModelSpec | None = None,
                  *, embed: EmbedFn | None = None, max_rank: int = 256, max_upload_bytes: int | None = None,
                  base_spec_loader: Callable[[], BaseModelSpec] | None = None, busy_timeout_s: float = 5.0,
-                 poll_s: float = 1.0, store_url: str | None = None, storage_options: dict | None = None):
+                 poll_s: float = 1.0, store_url: str | None = None, storage_options: dict | None = None,
+                 max_esft_bytes: int | None = None):
         """`poll_s`: how often to look for other processes' changes once a listener is subscribed (0: never).
         `store_url`: keep the blobs at this fsspec URL (s3://bucket/prefix) instead of under `root`, which then
-        holds the lock, staging and a read cache (moerge.experts.remote_store; `storage_options` go to fsspec)."""
+        holds the lock, staging and a read cache (moerge.experts.remote_store; `storage_options` go to fsspec).
+        `max_esft_bytes`: the largest ESFT weights file accepted (ESFT adapters hold whole experts: 100s of MB)."""
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.store = open_store(self.root, store_url, storage_options)
@@ -62,6 +64,7 @@ class ExpertPool:
         self._embed = embed
         self.max_rank = max_rank
         self.max_upload_bytes = max_upload_bytes
+        self.max_esft_bytes = max_esft_bytes
         self._thread_lock = threading.RLock()
         self._lock_depth = 0
         with self.locked():
@@ -188,6 +191,33 @@ class ExpertPool:
                 tmp.rmdir()
         return folder
 
+    def esft_dir(self, card: ExpertCard) -> Path:
+        """An ESFT adapter folder for an esft card (esft_config.json + esft_model.safetensors, hard links
+        into the store, made once)."""
+        if card.kind != "esft":
+            raise ExpertError(f"expert {card.name!r} is a {card.kind}, not an ESFT adapter")
+        from moerge.moe.esft import CONFIG_NAME, WEIGHTS_NAME
+        return self._linked_dir("esft", card, (("esft_config", CONFIG_NAME), ("esft_weights", WEIGHTS_NAME)))
+
+    def _linked_dir(self, under: str, card: ExpertCard, files: tuple[tuple[str, str], ...]) -> Path:
+        """<root>/<under>/<key>/ with one hard link per (role, file name), published by one rename."""
+        key = "".join(card.artifacts[role][:16] for role, _ in files)
+        folder = self.root / under / key
+        if not all((folder / fname).exists() for _, fname in files):
+            tmp = self.root / under / f".{key}.{os.getpid()}.{threading.get_ident()}"
+            tmp.mkdir(parents=True, exist_ok=True)
+            for role, fname in files:
+                target = tmp / fname
+                if not target.exists():
+                    os.link(self.store.path(card.artifacts[role]), target)
+            try:
+                os.replace(tmp, folder)
+            except OSError:  # another process made it first
+                for p in tmp.iterdir():
+                    p.unlink()
+                tmp.rmdir()
+        return folder
+
     # -- writes ---------------------------------------------------------------------
     def _card_blobs(self, card: ExpertCard) -> dict[str, bytes]:
         emb = self.embed([card.card_text() or card.name])
@@ -235,6 +265,29 @@ class ExpertPool:
             "arrow": tensors_to_bytes(protos),
             **self._card_blobs(card),
             **(extra_blobs or {}),
+        }
+        return self._insert(card, blobs)
+
+    def register_esft(self, folder: Path, name: str, description: str = "", *, tags: list[str] | None = None,
+                      examples: list[str] | None = None, extra: dict | None = None) -> ExpertCard:
+        """Register an ESFT adapter trained on the pool's current MoE base (validated in full first)."""
+        from moerge.moe.base import require_moe
+        from moerge.moe.esft import CONFIG_NAME, WEIGHTS_NAME, load_esft
+        check_name(name)
+        self._ensure_free(name)
+        folder = Path(folder)
+        base = require_moe(self.root)
+        adapter = load_esft(folder, base, max_bytes=self.max_esft_bytes)
+        summary = {"base_moe": base.version, "task": adapter.config.get("task", ""),
+                   "layers": len(adapter.experts), "experts": adapter.n_experts,
+                   "expert_map": {str(k): v for k, v in adapter.experts.items()}}
+        card = ExpertCard(name=name, kind="esft", base_model=base.id, description=description,
+                          tags=list(tags or []), examples=list(examples or []),
+                          extra={**dict(extra or {}), "esft": summary})
+        blobs: dict[str, bytes | Path] = {
+            "esft_config": folder / CONFIG_NAME,
+            "esft_weights": folder / WEIGHTS_NAME,
+            **self._card_blobs(card),
         }
         return self._insert(card, blobs)
 
@@ -314,5 +367,5 @@ def open_pool(settings=None, **kwargs) -> ExpertPool:
     return ExpertPool(s.pool_path, s.registry_url, base_spec_loader=loader, max_rank=s.max_lora_rank,
                       max_upload_bytes=s.max_upload_bytes, busy_timeout_s=s.registry_busy_timeout_s,
                       poll_s=s.pool_poll_s, store_url=s.pool_url, storage_options=s.pool_storage_options,
-                      **kwargs)
+                      max_esft_bytes=s.max_esft_upload_bytes, **kwargs)
 

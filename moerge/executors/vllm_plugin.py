@@ -25,6 +25,19 @@ def register() -> None:
     from vllm.lora.worker_manager import WorkerLoRAManager
 
     CpuPlatform.get_punica_wrapper = classmethod(lambda cls: "moerge.executors.vllm_punica.MoergePunicaCPU")
+    # vLLM's LoRA inside fused MoE runs Triton GPU kernels; on CPU an MoE layer keeps vLLM's CPU kernel and
+    # moerge adapts MoE experts as ESFT adapters through rerouting (vllm_moe.py)
+    from vllm.lora.layers import fused_moe as lora_moe
+    from vllm.model_executor.layers.fused_moe.config import FusedMoEConfig
+    for cls in (lora_moe.FusedMoEWithLoRA, lora_moe.FusedMoE3DWithLoRA):
+        cls.can_replace_layer = classmethod(lambda cls, *args, **kwargs: False)
+    original_post_init = FusedMoEConfig.__post_init__
+
+    def post_init(self):   # enabling LoRA would pick the Triton experts for every MoE layer
+        self.is_lora_enabled = False
+        original_post_init(self)
+
+    FusedMoEConfig.__post_init__ = post_init
 
     original_register = LoRAModelManager.register_module
 

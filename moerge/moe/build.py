@@ -1,0 +1,212 @@
+"""`moerge moe build`: upcycle the dense base and the pool's LoRA experts into an MoE base.
+
+The way mergekit-moe and Branch-Train-MiX do it: attention, norms and embeddings come from the
+base model; in every layer each routed MLP expert is the base MLP with one LoRA expert's MLP
+deltas (gate_proj, up_proj, down_proj) merged in, and logical expert 0 is the plain base MLP
+(`include_base=True`, the default: a token that matches no expert still gets the model it had).
+An expert's attention LoRA is dropped: the MoE base shares one attention, as those methods do.
+
+Router rows (no training):
+- "hidden" (default): from the hidden states that reach each layer's MLP on the expert card's
+  example prompts. Row e = α · unit(m_e − m̄) / s, where m_e is the mean MLP input over expert e's
+  prompts, m̄ the mean over all experts, and s the mean norm of (x − m̄); the base expert's row is 0.
+  A token then scores α·cos-like similarity to each expert's typical input, against 0 for base.
+- "gates": from each expert's PHATGOOSE gate on that layer's gate_proj input (the same vector
+  space as the router's), standardised the same way.
+
+The result is a standard Mixtral checkpoint (transformers and vLLM load it) plus `moerge_moe.json`,
+written to a staging folder and renamed into `<pool>/moe/<version[:16]>/`, then made current.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+import uuid
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from moerge.experts.errors import ExpertError
+from moerge.experts.lora import load_lora
+from moerge.moe.base import MANIFEST, WEIGHTS, MoeBase, moe_root, set_current
+
+MLP = ("gate_proj", "up_proj", "down_proj")
+MIXTRAL_NAME = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "generation_config.json", "chat_template.jinja", "vocab.json", "merges.txt")
+DEFAULT_ALPHA = 8.0
+
+
+class MoeBuildError(ExpertError):
+    status = 400
+
+
+def mixtral_config(dense: dict, n_experts: int, top_k: int) -> dict:
+    """A Mixtral config.json with the dense Llama model's shapes."""
+    if not 1 <= top_k <= n_experts:
+        raise MoeBuildError(f"top_k={top_k} must be between 1 and the number of experts ({n_experts})")
+    rope = dense.get("rope_parameters") or {}
+    theta = rope.get("rope_theta", dense.get("rope_theta", 10000.0))
+    return {
+        "architectures": ["MixtralForCausalLM"], "model_type": "mixtral",
+        "vocab_size": dense["vocab_size"], "hidden_size": dense["hidden_size"],
+        "intermediate_size": dense["intermediate_size"], "num_hidden_layers": dense["num_hidden_layers"],
+        "num_attention_heads": dense["num_attention_heads"], "num_key_value_heads": dense["num_key_value_heads"],
+        "head_dim": dense.get("head_dim") or dense["hidden_size"] // dense["num_attention_heads"],
+        "hidden_act": dense.get("hidden_act", "silu"), "max_position_embeddings": dense["max_position_embeddings"],
+        "rms_norm_eps": dense["rms_norm_eps"], "rope_theta": theta,
+        "rope_parameters": {"rope_theta": theta, "rope_type": "default"},
+        "tie_word_embeddings": bool(dense.get("tie_word_embeddings", False)),
+        "bos_token_id": dense.get("bos_token_id"), "eos_token_id": dense.get("eos_token_id"),
+        "pad_token_id": dense.get("pad_token_id"), "attention_dropout": 0.0, "sliding_window": None,
+        "num_local_experts": n_experts, "num_experts_per_tok": top_k, "output_router_logits": False,
+        "router_aux_loss_coef": 0.0, "router_jitter_noise": 0.0, "dtype": "bfloat16", "use_cache": True,
+    }
+
+
+def _mlp_inputs(model, tok, prompts: list[str]) -> list[torch.Tensor]:
+    """Per layer, the mean input of the MLP over every token of the chat-formatted prompts."""
+    from moerge.experts.training import user_turn
+    from moerge.models.chat import encode_chat
+
+    layers = model.model.layers
+    sums = [torch.zeros(model.config.hidden_size) for _ in layers]
+    count = 0
+    hooks = []
+    for i, layer in enumerate(layers):
+        def hook(_mod, args, i=i):
+            sums[i] += args[0][0].float().sum(0)
+        hooks.append(layer.mlp.register_forward_pre_hook(hook))
+    try:
+        with torch.inference_mode():
+            for p in prompts:
+                ids = torch.tensor([encode_chat(tok, user_turn(p))])
+                model(input_ids=ids)
+                count += ids.shape[1]
+    finally:
+        for h in hooks:
+            h.remove()
+    return [s / max(1, count) for s in sums]
+
+
+def _standardise(vectors: torch.Tensor, alpha: float) -> torch.Tensor:
+    """[E, H] directions → router rows α·unit(v − mean)/scale, scale = mean ‖v − mean‖ (≥ tiny)."""
+    centred = vectors - vectors.mean(0, keepdim=True)
+    norms = centred.norm(dim=1, keepdim=True).clamp_min(1e-6)
+    return alpha * centred / norms / norms.mean()
+
+
+def build_moe(pool, base_dir: Path, experts: list[str] | None = None, *, include_base: bool = True,
+              top_k: int = 2, router_init: str = "hidden", alpha: float = DEFAULT_ALPHA,
+              make_current: bool = True, progress=print) -> MoeBase:
+    """Build, version and store an MoE base from `base_dir` (dense) and the named LoRA experts."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    t0 = time.time()
+    cards = [c for c in pool.list() if c.kind == "lora"] if experts is None else [pool.get(n) for n in experts]
+    for c in cards:
+        if c.kind != "lora":
+            raise MoeBuildError(f"expert {c.name!r} is a {c.kind}: an MoE base is built from LoRA experts")
+    if not cards:
+        raise MoeBuildError("no LoRA experts to build from: register some, or pass --expert NAME")
+    if router_init not in ("hidden", "gates"):
+        raise MoeBuildError(f"router_init {router_init!r}: use 'hidden' or 'gates'")
+    names = (["base"] if include_base else []) + [c.name for c in cards]
+    if len(set(names)) != len(names):
+        raise MoeBuildError(f"an expert is named twice in {names}")
+    dense_cfg = json.loads((Path(base_dir) / "config.json").read_text())
+    config = mixtral_config(dense_cfg, len(names), top_k)
+    n_layers = dense_cfg["num_hidden_layers"]
+
+    progress(f"loading the dense base from {base_dir}")
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(base_dir)
+    dense = model.state_dict()
+    adapters = []
+    for c in cards:
+        ad = load_lora(pool.adapter_dir(c), pool.base_spec, max_rank=pool.max_rank)
+        adapters.append(ad)
+
+    # router rows
+    rows = torch.zeros(n_layers, len(names), dense_cfg["hidden_size"])
+    first = 1 if include_base else 0
+    diagnostics: dict = {}
+    if router_init == "hidden":
+        means = []
+        for i, c in enumerate(cards):
+            prompts = c.examples or [c.description or c.name]
+            progress(f"router rows: hidden states of {len(prompts)} prompts of {c.name} ({i + 1}/{len(cards)})")
+            means.append(_mlp_inputs(model, tok, prompts))
+        for layer in range(n_layers):
+            rows[layer, first:] = _standardise(torch.stack([m[layer] for m in means]), alpha)
+    else:
+        for i, c in enumerate(cards):
+            if "gate" not in c.artifacts:
+                raise MoeBuildError(f"expert {c.name!r} has no trained gate: use --router-init hidden")
+        gates = [pool.artifact_tensors(c, "gate") for c in cards]
+        for layer in range(n_layers):
+            key = f"model.layers.{layer}.mlp.gate_proj"
+            vecs = []
+            for c, g in zip(cards, gates):
+                v = next((t for k, t in g.items() if k.startswith(key)), None)
+                if v is None:
+                    raise MoeBuildError(f"expert {c.name!r}'s gate has no vector for {key}: use --router-init hidden")
+                vecs.append(v.float().reshape(-1))
+            rows[layer, first:] = _standardise(torch.stack(vecs), alpha)
+
+    # weights
+    out: dict[str, torch.Tensor] = {}
+    for k, v in dense.items():
+        if ".mlp." in k or (k == "lm_head.weight" and config["tie_word_embeddings"]):
+            continue
+        out[k] = v.to(torch.bfloat16).contiguous()
+    progress(f"merging {len(cards)} experts' MLP deltas into {n_layers} layers")
+    for layer in range(n_layers):
+        pre = f"model.layers.{layer}"
+        out[f"{pre}.block_sparse_moe.gate.weight"] = rows[layer].to(torch.bfloat16).contiguous()
+        for e, name in enumerate(names):
+            ad = None if name == "base" else adapters[e - first]
+            for m in MLP:
+                w = dense[f"{pre}.mlp.{m}.weight"].float()
+                mod = f"{pre}.mlp.{m}"
+                if ad is not None and mod in ad.weights:
+                    w = w + ad.delta(mod)
+                out[f"{pre}.block_sparse_moe.experts.{e}.{MIXTRAL_NAME[m]}.weight"] = w.to(torch.bfloat16).contiguous()
+
+    root = moe_root(pool.root)
+    root.mkdir(parents=True, exist_ok=True)
+    stage = root / f".stage-{uuid.uuid4().hex[:12]}"
+    stage.mkdir()
+    try:
+        save_file(out, str(stage / WEIGHTS), metadata={"format": "pt"})
+        version = hashlib.sha256((stage / WEIGHTS).read_bytes()).hexdigest()
+        (stage / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        for f in TOKENIZER_FILES:
+            if (Path(base_dir) / f).exists():
+                shutil.copy2(Path(base_dir) / f, stage / f)
+        manifest = {
+            "format": "moerge-moe/1", "version": version, "experts": names,
+            "sources": [""] * first + [c.artifacts["adapter_weights"] for c in cards],
+            "base_model": pool.base_spec.model_id, "router_init": router_init, "alpha": alpha, "top_k": top_k,
+            "include_base": include_base, "built_at": time.time(), "build_seconds": round(time.time() - t0, 1),
+            "params": sum(t.numel() for t in out.values()), "diagnostics": diagnostics,
+        }
+        (stage / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        final = root / version[:16]
+        if final.exists():          # the same inputs built before: keep the one on disk
+            shutil.rmtree(stage)
+        else:
+            stage.rename(final)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    base = MoeBase.load(final)
+    if make_current:
+        set_current(pool.root, base)
+    progress(f"MoE base {base.id}: {len(names)} experts ({', '.join(names)}), top-{top_k}, "
+             f"{manifest['params'] / 1e6:.0f}M parameters, in {time.time() - t0:.0f} s -> {final}")
+    return base

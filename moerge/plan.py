@@ -17,8 +17,10 @@ from typing import Literal
 from moerge.experts.errors import ExpertError
 from moerge.router.base import RoutingDecision
 
-PlanKind = Literal["base", "adapter", "token_mixture", "static_mixture", "dense_delta", "remote"]
-PLAN_KINDS: tuple[str, ...] = ("base", "adapter", "token_mixture", "static_mixture", "dense_delta", "remote")
+PlanKind = Literal["base", "adapter", "token_mixture", "static_mixture", "dense_delta", "remote", "moe", "esft"]
+PLAN_KINDS: tuple[str, ...] = ("base", "adapter", "token_mixture", "static_mixture", "dense_delta", "remote", "moe",
+                               "esft")
+MOE_KINDS = frozenset({"moe", "esft"})     # run only by an engine serving the MoE base
 
 
 class PlanError(ExpertError):
@@ -63,7 +65,9 @@ class ExecutionPlan:
       bias (one per expert, added to the gate logits), top_k, temperature;
     - static_mixture: experts with fixed weights (linear and cat merges);
     - dense_delta: experts merged densely by `merge` (TIES);
-    - remote: a whole model behind LiteLLM.
+    - remote: a whole model behind LiteLLM;
+    - moe: the shared MoE base with its own router (no adapter);
+    - esft: experts[0] is an ESFT adapter over the MoE base (its experts replace the base's, by rerouting).
     """
 
     kind: PlanKind
@@ -110,7 +114,7 @@ class EngineCaps:
 
     name: str
     ready: bool = True
-    kinds: frozenset[str] = frozenset(PLAN_KINDS) - {"remote"}
+    kinds: frozenset[str] = frozenset(PLAN_KINDS) - {"remote"} - MOE_KINDS
     max_rank: int = 256
     max_experts: int = 1 << 30       # experts one plan may use at once
     not_ready_reason: str = "the engine is still starting"
@@ -149,6 +153,11 @@ def expert_ref(pool, name: str, card=None) -> ExpertRef:
                      rank=int(card.rank or 0), gates=gates)
 
 
+def esft_ref(pool, card) -> ExpertRef:
+    return ExpertRef(name=card.name, version=card.artifacts["esft_weights"], adapter_dir=str(pool.esft_dir(card)),
+                     rank=0)
+
+
 def _refs(pool, names: list[str]) -> tuple[ExpertRef, ...]:
     """The plan's experts from one registry read (a token plan names every expert of the pool)."""
     if len(names) == 1:
@@ -159,6 +168,8 @@ def _refs(pool, names: list[str]) -> tuple[ExpertRef, ...]:
 
 def _lora_plan(decision: RoutingDecision, pool) -> ExecutionPlan:
     d = decision
+    if d.granularity == "moe":
+        return ExecutionPlan("moe")
     if d.abstained or not d.chosen:
         return ExecutionPlan("base")
     if d.granularity == "sequence":
@@ -169,6 +180,8 @@ def _lora_plan(decision: RoutingDecision, pool) -> ExecutionPlan:
         if card.kind == "model":
             return ExecutionPlan("remote", remote=RemoteTarget(card.name, card.model or "", card.api_base,
                                                                card.api_key_env, (card.extra or {}).get("path")))
+        if card.kind == "esft":
+            return ExecutionPlan("esft", (esft_ref(pool, card),))
         return ExecutionPlan("adapter", (expert_ref(pool, card.name),), (1.0,))
     if d.granularity == "static":
         refs = _refs(pool, d.chosen)

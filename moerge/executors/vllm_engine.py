@@ -81,7 +81,7 @@ class PlanAdapters:
     def request(self, plan: ExecutionPlan):
         """(LoRARequest, unique) for a plan; None for the base model."""
         from vllm.lora.request import LoRARequest
-        if plan.kind == "base":
+        if plan.kind in ("base", "moe"):
             return None, False
         unique = plan.kind == "token_mixture"
         with self._lock:
@@ -158,6 +158,7 @@ class _LoopQueue:
 
 class VllmExecutor:
     name = "vllm"
+    kinds = VLLM_KINDS
     restart_backoff_s = (1.0, 2.0, 5.0, 10.0, 30.0)   # between failed restarts; the last one repeats
 
     def __init__(self, model_dir: Path, *, max_resident_experts: int = 64, max_lora_rank: int = 64,
@@ -247,6 +248,10 @@ class VllmExecutor:
 
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
         self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**self.engine_kwargs))
+        await self._after_start()
+
+    async def _after_start(self) -> None:
+        """Set-up the worker needs once the model is loaded (the MoE engine's rerouting tables)."""
 
     def ready(self) -> bool:
         return self._ready.is_set() and self.engine is not None and not self.engine.errored
@@ -260,11 +265,11 @@ class VllmExecutor:
     def caps(self) -> EngineCaps:
         why = (f"the vLLM engine failed to start ({self.error})" if self.failed else
                f"the vLLM engine is not available ({self.error})" if self.error else "the vLLM engine is still starting")
-        return EngineCaps("vllm", ready=self.ready(), kinds=VLLM_KINDS, max_rank=self.max_lora_rank,
+        return EngineCaps(self.name, ready=self.ready(), kinds=self.kinds, max_rank=self.max_lora_rank,
                           max_experts=self.max_resident_experts, not_ready_reason=why)
 
     def describe(self) -> dict:
-        out = {"engine": "vllm", "ready": self.ready(), "error": self.error, "restarts": self.restarts,
+        out = {"engine": self.name, "ready": self.ready(), "error": self.error, "restarts": self.restarts,
                "max_resident_experts": self.max_resident_experts, "max_lora_rank": self.max_lora_rank}
         if self.ready():
             try:
@@ -298,7 +303,7 @@ class VllmExecutor:
 
     async def _agenerate(self, prompt_ids: list[int], sp, plan: ExecutionPlan, out_q: queue.Queue | None):
         """(final RequestOutput, layer usage) of one request under its plan."""
-        if plan.kind not in VLLM_KINDS:
+        if plan.kind not in self.kinds:
             raise ValueError(f"vLLM does not run {plan.kind} plans (make_plan should not have sent it here)")
         from vllm.v1.engine.exceptions import EngineDeadError
         engine = self.engine
@@ -425,3 +430,20 @@ def _generation(out, n_prompt: int, usage: dict) -> Generation:
     o = out.outputs[0]
     return Generation(o.text, n_prompt, len(o.token_ids), "length" if o.finish_reason == "length" else "stop",
                       layer_usage=usage, token_ids=list(o.token_ids))
+
+
+class VllmMoeExecutor(VllmExecutor):
+    """The shared MoE base in its own vLLM engine: the bare MoE base (`moe` plans) and ESFT adapters over it
+    (`esft` plans) in one batch, through rerouting inside the fused MoE layers (vllm_moe.py)."""
+
+    name = "vllm-moe"
+    kinds = frozenset({"moe", "esft"})
+
+    def __init__(self, model_dir: Path, *, adapter_rows: int = 32, max_adapters: int = 8, **kwargs):
+        self.adapter_rows, self.max_adapters = int(adapter_rows), int(max_adapters)
+        self.moe_state: dict = {}
+        super().__init__(model_dir, **kwargs)
+
+    async def _after_start(self) -> None:
+        self.moe_state = (await self.engine.collective_rpc("moerge_moe_setup",
+                                                           args=(self.adapter_rows, self.max_adapters)))[0]

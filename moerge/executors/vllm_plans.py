@@ -145,6 +145,10 @@ class PluginState:
         if not path.is_file():
             return False
         plan = WorkerPlan.from_json(lora_id, json.loads(path.read_text()))
+        if plan.kind == "esft":      # served by rerouting inside the MoE layers, not by the LoRA tables
+            from moerge.executors.vllm_moe import MOE
+            MOE.register_plan(lora_id, plan.experts[0])
+            return True
         with self.lock:
             for ref in plan.experts:
                 self._make_resident(ref, keep={r.key for r in plan.experts})

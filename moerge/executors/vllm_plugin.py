@@ -63,8 +63,10 @@ class MoergeWorkerExtension:
 
     def moerge_finish_plan(self, lora_id: int) -> dict:
         """A finished request's per-layer usage; its plan and its vLLM adapter are dropped."""
+        from moerge.executors.vllm_moe import MOE
         from moerge.executors.vllm_plans import STATE
         plan = STATE.drop_plan(lora_id)
+        MOE.drop_plan(lora_id)
         try:
             self.remove_lora(lora_id)
         except Exception:  # noqa: BLE001 - already evicted by vLLM's own LRU
@@ -76,7 +78,9 @@ class MoergeWorkerExtension:
         then free heap pages go back to the system."""
         from moerge.executors.memory import malloc_trim
         from moerge.executors.vllm_plans import STATE
+        from moerge.executors.vllm_moe import MOE
         dropped = STATE.forget(lora_ids, name)
+        dropped["esft_adapters"] = MOE.forget(lora_ids, name)
         for i in lora_ids:
             try:
                 self.remove_lora(i)
@@ -103,5 +107,14 @@ class MoergeWorkerExtension:
         return out
 
     def moerge_describe(self) -> dict:
+        from moerge.executors.vllm_moe import MOE
         from moerge.executors.vllm_plans import STATE
-        return STATE.describe()
+        out = STATE.describe()
+        if MOE.enabled:
+            out["moe"] = MOE.describe()
+        return out
+
+    def moerge_moe_setup(self, rows: int, max_adapters: int) -> dict:
+        """Serve the loaded MoE base with ESFT adapters: extend its expert tables, install rerouting."""
+        from moerge.executors.vllm_moe import MOE
+        return MOE.setup(self.model_runner.model, rows, max_adapters)

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
 
+from moerge.executors.vllm_moe import MOE
 from moerge.executors.vllm_plans import STATE, BatchTables
 from moerge.kernels.plan_mixture import gated_coefficients, token_stats
 
@@ -23,10 +24,12 @@ class MoergePunicaCPU(PunicaWrapperCPU):
         super().update_metadata(mapping, lora_index_to_id, max_loras, vocab_size, **kwargs)
         ids = list(mapping.index_mapping)
         batch = STATE.begin_batch(ids)
+        MOE.begin_batch(ids)
         self._native = None
-        self._any_lora = any(i > 0 for i in ids)
+        self._any_lora = any(i > 0 and i not in MOE.plans for i in ids)
         if batch is not None:
-            native = torch.tensor([i > 0 and i not in STATE.plans for i in ids], dtype=torch.bool)
+            native = torch.tensor([i > 0 and i not in STATE.plans and i not in MOE.plans for i in ids],
+                                  dtype=torch.bool)
             if bool(native.any()):
                 self._native = native
         self._batch = batch

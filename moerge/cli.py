@@ -422,7 +422,8 @@ def eval_cmd(
         specs = [known[m] for m in methods]
     if dtype not in ("bfloat16", "float32"):
         fail(f"--dtype must be bfloat16 or float32, not {dtype!r}")
-    system, namespace = prepare(get_settings(), engine=engine, dtype=dtype, progress=lambda m: err.print(m))
+    system, namespace = prepare(get_settings(), engine=engine, dtype=dtype, progress=lambda m: err.print(m),
+                                moe=any(s.method == "moe" for s in specs))
     try:
         report = evaluate(system, methods=specs, tasks=task_list, n=n, out=out,
                           cache_path=out / "generations.sqlite", namespace=namespace, with_best_single=not quick,
@@ -455,6 +456,52 @@ def _feedback_curve(tasks, n, out, engine, dtype, shift, feedbacks, every, explo
                       f"{100 * a['best_single']:.1f}%: {'met' if a['met'] else 'missed'}")
     console.print(f"aim {'met' if report['aim']['met'] else 'missed'}; wrote {out / 'feedback_curve.json'} and "
                   f"{out / 'feedback_curve.png'}")
+
+
+moe_app = typer.Typer(no_args_is_help=True, help="The shared MoE base: build it from the pool's LoRA experts, list versions.")
+app.add_typer(moe_app, name="moe")
+
+
+@moe_app.command("build")
+@_guard
+def moe_build(
+    expert: Optional[list[str]] = typer.Option(None, "--expert", "-e", help="LoRA experts to upcycle (default: all)"),
+    top_k: int = typer.Option(2, "--top-k", help="experts per token"),
+    router_init: str = typer.Option("hidden", "--router-init", help="hidden (card examples' hidden states) | gates"),
+    no_base_expert: bool = typer.Option(False, "--no-base-expert", help="leave the plain base MLP out"),
+    no_current: bool = typer.Option(False, "--no-current", help="keep serving the current MoE base"),
+) -> None:
+    """Upcycle the base model and the pool's LoRA experts into an MoE base (a Mixtral checkpoint) in the pool."""
+    from moerge.assets import ensure_base_model
+    from moerge.experts.pool import open_pool
+    from moerge.moe.build import build_moe
+    s = get_settings()
+    pool = open_pool(s)
+    try:
+        base = build_moe(pool, ensure_base_model(s, progress=lambda m: err.print(m)), list(expert) if expert else None,
+                         include_base=not no_base_expert, top_k=top_k, router_init=router_init,
+                         make_current=not no_current, progress=lambda m: err.print(m))
+    finally:
+        pool.close()
+    console.print(f"{base.id}: {base.n_experts} experts ({', '.join(base.experts)}), top-{base.top_k} -> {base.path}")
+
+
+@moe_app.command("list")
+@_guard
+def moe_list(as_json: bool = typer.Option(False, "--json")) -> None:
+    """The MoE bases in the pool; * marks the one served and trained against."""
+    from moerge.moe.base import current_moe, list_moe
+    root = get_settings().pool_path
+    cur = current_moe(root)
+    rows = [{"id": b.id, "current": cur is not None and b.version == cur.version, "experts": list(b.experts),
+             "top_k": b.top_k, "router_init": b.router_init, "path": str(b.path)} for b in list_moe(root)]
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        console.print("no MoE base: build one with `moerge moe build`")
+    for r in rows:
+        console.print(f"{'*' if r['current'] else ' '} {r['id']}  top-{r['top_k']}  {', '.join(r['experts'])}")
 
 
 @app.command()

@@ -93,6 +93,13 @@ class Settings(BaseSettings):
                                     "ranks run on the reference engine, stated in the routing info)")
     vllm_max_num_seqs: int = Field(default=64, ge=1, description="requests in one vLLM batch")
     vllm_dtype: str = "bfloat16"
+    moe_engine: str = Field(default="auto", description="auto | on | off: serve the pool's MoE base (`moerge moe "
+                            "build`) in a second vLLM engine, for ESFT experts and the `moe` method. auto: when the "
+                            "pool has one and the executor is vllm; on: fail to start without one")
+    moe_adapter_rows: int = Field(default=32, ge=1, description="physical expert rows per MoE layer for resident ESFT "
+                                  "adapters' experts (each row holds one expert: 5.3 MB per layer in bf16 here)")
+    moe_max_adapters: int = Field(default=8, ge=1, description="ESFT adapters resident in the MoE engine at once "
+                                  "(least recently used idle ones are evicted past that, or when rows run out)")
     vllm_onednn_cache: int = Field(default=16, ge=1, description="oneDNN primitives the vLLM engine keeps in its "
                                    "process-wide caches (ONEDNN_PRIMITIVE_CACHE_CAPACITY and torch's "
                                    "LRU_CACHE_CAPACITY; both default to 1024). "

@@ -181,6 +181,34 @@ async def _in_thread(it: Iterator) -> AsyncIterator:
         yield item
 
 
+def _moe_executor(settings: Settings, pool, opts: dict):
+    """The MoE engine (the pool's current MoE base, ESFT adapters over it), when settings ask for it."""
+    if settings.moe_engine not in ("auto", "on", "off"):
+        raise ValueError(f"moe_engine {settings.moe_engine!r}: use auto, on or off")
+    if settings.moe_engine == "off":
+        return None
+    from moerge.moe.base import current_moe, require_moe
+    base = require_moe(pool.root) if settings.moe_engine == "on" else current_moe(pool.root)
+    if base is None:
+        return None
+    from moerge.executors.vllm_engine import VllmMoeExecutor
+    moe_opts = {k: v for k, v in opts.items() if k not in ("max_resident_experts", "max_lora_rank")}
+    if moe_opts.get("plan_dir") is not None:      # its own LoRA ids: its own plan folders
+        from pathlib import Path
+        moe_opts["plan_dir"] = Path(moe_opts["plan_dir"]) / "moe"
+    return VllmMoeExecutor(base.path, adapter_rows=settings.moe_adapter_rows,
+                           max_adapters=settings.moe_max_adapters, **moe_opts)
+
+
+def attach_moe(system: System, vllm_options: dict | None = None) -> None:
+    """Start the MoE engine on the pool's current MoE base (built after `start`), next after vLLM."""
+    settings = system.settings.model_copy(update={"moe_engine": "on"})
+    opts = dict(dtype=settings.vllm_dtype, cpu_threads=settings.vllm_cpu_threads,
+                max_num_seqs=settings.vllm_max_num_seqs, onednn_cache=settings.vllm_onednn_cache)
+    opts.update(vllm_options or {})
+    system.local.insert(1, _moe_executor(settings, system.pool, opts))
+
+
 def start(settings: Settings, *, executor: str | None = None, pool_dir=None, bundled: bool | None = None,
           with_router: bool = True, with_writer: bool = True, vllm_options: dict | None = None,
           progress: Callable[[str], None] = print) -> System:
@@ -225,6 +253,9 @@ def start(settings: Settings, *, executor: str | None = None, pool_dir=None, bun
                     cpu_threads=settings.vllm_cpu_threads, onednn_cache=settings.vllm_onednn_cache)
         opts.update(vllm_options or {})
         local.insert(0, VllmExecutor(assets.base_model, **opts))
+        moe = _moe_executor(settings, pool, opts)
+        if moe is not None:
+            local.insert(1, moe)
     elif kind != "reference":
         raise ValueError(f"executor {kind!r} is not available: use vllm, servers or reference")
     system = System(settings, assets, pool, local, RemoteModelExecutor(timeout=settings.remote_timeout_s))

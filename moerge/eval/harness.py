@@ -45,6 +45,8 @@ def default_methods(quick: bool = False, alphas=(1.0, 3.0, 10.0, 30.0, 100.0)) -
         # learns from feedback stored in the pool; a fresh evaluation pool has none, so this is its cold
         # start (= glider-global). `moerge eval --feedback-curve` streams feedback first (eval/feedback.py)
         specs.append(MethodSpec("feedback", "feedback", {"explore": False}))
+        # the MoE base upcycled from the library, answering with its own router (eval/run.py builds it)
+        specs.append(MethodSpec("moe", "moe"))
         specs += [MethodSpec(f"glider α={a:g}", "glider", {"alpha": a}) for a in alphas]
     return specs
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 
 def prepare(settings, pool_dir: Path | None = None, engine: str = "auto", dtype: str = "bfloat16",
-            progress=lambda m: None):
+            progress=lambda m: None, moe: bool = False):
     """(system, namespace). engine "auto": vLLM on every core (the harness waits while it generates)
     with the reference engine for TIES; "reference": the reference engine only. In fp32, vLLM's
     greedy tokens equal the reference engine's (tests/executors/test_vllm.py); bf16, the default,
@@ -21,8 +21,19 @@ def prepare(settings, pool_dir: Path | None = None, engine: str = "auto", dtype:
     opts = dict(dtype=dtype, cpu_threads="all", max_num_seqs=64)
     system = start(settings, executor="vllm" if engine == "auto" else "reference", pool_dir=pool_dir, bundled=True,
                    vllm_options=opts, progress=progress)
+    if moe:       # the `moe` method: an MoE base upcycled from this pool's experts, in its own engine
+        if engine != "auto":
+            raise ValueError("the moe method runs on the MoE engine (vLLM): use --engine auto")
+        from moerge.moe.build import build_moe
+        from moerge.startup import attach_moe
+        build_moe(system.pool, system.assets.base_model, progress=progress)
+        attach_moe(system, opts)
     if engine == "auto":
-        system.local[0].wait_ready(900)
+        for ex in system.local[:-1]:
+            ex.wait_ready(900)
     state = sorted((c.name, sorted(c.artifacts.items())) for c in system.pool.list())
+    if moe:
+        from moerge.moe.base import current_moe
+        state.append(("moe", current_moe(system.pool.root).version))
     namespace = hashlib.sha256(json.dumps(["v2", dtype if engine == "auto" else "float32", state]).encode()).hexdigest()[:16]
     return system, namespace

@@ -42,9 +42,10 @@ class MoeLayer:
     remap: torch.Tensor          # [A+1, M] int32
     free: list[int]              # free physical rows
     isa: str | None              # the CPU kernel's packing ("amx" | "vec"), None when weights are not prepacked
+    owner: "MoeRerouting"
 
     def route(self, hidden_states, gating_output, topk, renormalize):
-        rows = MOE.token_rows
+        rows = self.owner.token_rows
         if rows is not None and rows.shape[0] != gating_output.shape[0]:
             raise RuntimeError(f"moerge MoE rerouting: {gating_output.shape[0]} tokens in layer {self.index} but "
                                f"{rows.shape[0]} in the LoRA mapping; this vLLM layout is not supported")
@@ -128,7 +129,7 @@ class MoeRerouting:
             ex.w2_weight = torch.nn.Parameter(new2, requires_grad=False)
             index = _layer_index(name)
             layer = MoeLayer(index, runner, ex, identity_remap(self.max_adapters + 1, M),
-                             list(range(M, M + self.rows)), _find_isa(ex))
+                             list(range(M, M + self.rows)), _find_isa(ex), self)
             runner.router.custom_routing_function = layer.route
             self.layers[index] = layer
         self.free_slots = list(range(self.max_adapters))
@@ -161,13 +162,16 @@ class MoeRerouting:
             raise RuntimeError(f"ESFT adapter {ref.name!r} replaces {max(too_many.values())} experts in one layer "
                                f"but the engine keeps {self.rows} adapter rows per layer: raise moe_adapter_rows")
         busy = self._busy()
+        idle = [r for k, r in self.resident.items() if k not in busy]
+        fits = (len(self.free_slots) + len(idle) >= 1 and
+                all(len(self.layers[layer].free) + sum(len(r.rows.get(layer, {})) for r in idle) >= n
+                    for layer, n in need.items()))
+        if not fits:      # refused before evicting anything
+            raise RuntimeError("every adapter row or slot of the MoE engine is used by running requests: "
+                               "raise moe_adapter_rows / moe_max_adapters or send fewer distinct ESFT "
+                               "adapters at once")
         while not self.free_slots or any(len(self.layers[layer].free) < n for layer, n in need.items()):
-            victim = next((k for k in self.resident if k not in busy), None)
-            if victim is None:
-                raise RuntimeError("every adapter row or slot of the MoE engine is used by running requests: "
-                                   "raise moe_adapter_rows / moe_max_adapters or send fewer distinct ESFT "
-                                   "adapters at once")
-            self._evict(victim)
+            self._evict(next(k for k in self.resident if k not in busy))
         tensors = load_file(str(folder / ESFT_WEIGHTS))
         slot = self.free_slots.pop(0)
         res = ResidentAdapter(ref.key, ref.name, slot)

@@ -24,7 +24,7 @@ class ExpertScore:
 @dataclass
 class RoutingDecision:
     method: str
-    granularity: str                      # "none" | "sequence" | "token" | "static"
+    granularity: str                      # "none" | "sequence" | "token" | "static" | "moe"
     experts: list[ExpertScore] = field(default_factory=list)   # best first
     chosen: list[str] = field(default_factory=list)            # experts the executor uses
     abstained: bool = False

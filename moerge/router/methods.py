@@ -8,6 +8,7 @@ from moerge.router.feedback import FeedbackRouter
 from moerge.router.glider import GliderRouter
 from moerge.router.glider_global import GliderGlobalRouter
 from moerge.router.merge import MergeCatRouter, MergeLinearRouter, MergeTiesRouter
+from moerge.router.moe_method import MoeRouter
 from moerge.router.oracle import OracleRouter
 from moerge.router.phatgoose import PhatgooseRouter
 from moerge.router.retrieval import RetrievalRouter
@@ -15,5 +16,5 @@ from moerge.router.retrieval import RetrievalRouter
 METHODS: dict[str, type[Router]] = {cls.name: cls for cls in (
     BaseRouter, OracleRouter, RetrievalRouter, EmbedRouter, GliderGlobalRouter,
     ArrowRouter, PhatgooseRouter, GliderRouter, MergeLinearRouter, MergeTiesRouter, MergeCatRouter,
-    FeedbackRouter,
+    FeedbackRouter, MoeRouter,
 )}

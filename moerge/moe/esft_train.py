@@ -223,9 +223,8 @@ def build_esft(base: MoeBase, cfg: EsftConfig, out: Path, *, show_progress: bool
              + " ".join(f"{layer}:{ids}" for layer, ids in experts.items()))
 
     params = make_tunable(model, experts)
-    acc0 = None
-    if cfg.eval_every <= cfg.steps:
-        acc0, _ = accuracy(cfg.task, model, tok, dev, cfg.max_new_tokens)
+    acc0, _ = accuracy(cfg.task, model, tok, dev, cfg.max_new_tokens)
+    progress(f"dev accuracy before training: {acc0:.3f}")
     losses, evals, stopped_early = train_selected(model, tok, cfg, params, encoded, dev, show_progress)
     final_acc, _ = accuracy(cfg.task, model, tok, dev, cfg.max_new_tokens)
 

@@ -352,3 +352,47 @@ def test_merged_checkpoint_computes_what_the_base_with_the_adapter_computes(buil
         base_logits = load_moe_model(moe).eval()(input_ids=ids).logits
     torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
     assert not torch.allclose(a, base_logits, atol=1e-4)   # the adapter does change the model
+
+
+# -- the real base ------------------------------------------------------------------------------------------
+@pytest.mark.real
+@pytest.mark.slow
+def test_a_short_esft_build_on_a_real_moe_base_registers_and_validates(tmp_path, real_spec, base_model_dir):
+    """A real MoE base (the dense SmolLM2 + two bundled LoRA experts, built by moerge.moe.build in a fresh
+    pool), a 4-step ESFT build for arith_add, registered and read back through esft_dir."""
+    from moerge.experts.bundled import LIBRARY, library_entries
+    from moerge.experts.pool import ExpertPool
+    from moerge.moe.base import current_moe
+    from moerge.moe.build import build_moe
+    root = tmp_path / "pool"
+    pool = ExpertPool(root, f"sqlite:///{root}/registry.sqlite", real_spec, embed=fake_embed)
+    try:
+        entries = {e["name"]: e for e in library_entries()}
+        for name in ("arith_add", "uppercase"):
+            pool.register_lora(LIBRARY / name, name, entries[name]["description"], examples=entries[name]["examples"])
+        base = build_moe(pool, base_model_dir, ["arith_add", "uppercase"], progress=lambda m: None)
+        assert current_moe(root) == base and base.n_experts == 3 and base.hidden == 576
+        cfg = EsftConfig(task="arith_add", steps=4, batch_size=4, warmup=1, affinity_samples=16, dev_size=4,
+                         max_new_tokens=8, eval_every=1000)
+        out = tmp_path / "esft"
+        manifest = build_esft(base, cfg, out, show_progress=False, progress=lambda m: None)
+        adapter = load_esft(out, base)
+        assert len(adapter.experts) == base.n_layers and manifest["steps_run"] == 4
+        assert manifest["adapter_bytes"] == pytest.approx(adapter.n_experts * 3 * 576 * 1536 * 2, rel=0.01)
+        card = pool.register_esft(out, "esft-arith_add", "adds numbers", examples=["What is 2 + 3?"])
+        assert card.base_model == base.id and card.extra["esft"]["experts"] == adapter.n_experts
+        assert load_esft(pool.esft_dir(card), base).experts == adapter.experts
+    finally:
+        pool.close()
+
+
+def test_cli_add_esft_without_an_moe_base_is_one_line_saying_what_to_run(tmp_path, real_settings, built):
+    import os
+    import subprocess
+    import sys
+    env = {**os.environ, "MOERGE_HOME": str(real_settings.home), "MOERGE_POOL_DIR": str(tmp_path / "pool"),
+           "MOERGE_BUNDLED_POOL": "false", "MOERGE_CONFIG": str(tmp_path / "none.toml")}
+    proc = subprocess.run([sys.executable, "-m", "moerge.cli", "experts", "add-esft", str(built[0]), "--name", "x"],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1
+    assert "moerge moe build" in proc.stderr and "Traceback" not in proc.stderr

@@ -15,7 +15,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "moerge"
 LAYERS = {
     "config": 0, "assets": 0,
     "tasks": 1, "models": 1, "kernels": 1,
-    "experts": 2,
+    "experts": 2, "moe": 2,    # the MoE base and ESFT adapters: built from, and registered in, the pool
     "router": 3,
     "plan": 4,
     "executors": 5,

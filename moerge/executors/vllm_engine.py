@@ -128,6 +128,10 @@ class PlanAdapters:
             self._doomed.update((i, name) for i in ids if self._inflight.get(i, 0) > 0)
             return [i for i in ids if self._inflight.get(i, 0) == 0]
 
+    def inflight(self, lora_id: int) -> int:
+        with self._lock:
+            return self._inflight.get(lora_id, 0)
+
     def shared_ids(self) -> int:
         with self._lock:
             return len(self._shared)
@@ -331,6 +335,10 @@ class VllmExecutor:
                 if unique and not dead:
                     res = await engine.collective_rpc("moerge_finish_plan", args=(lora.lora_int_id,))
                     usage = {int(k): v for k, v in (res[0] if res else {}).items()}
+                elif plan.kind == "esft" and not dead and doomed is None and self.adapters.inflight(lora.lora_int_id) == 0:
+                    # its last request ended: the adapter stays resident but becomes evictable (the next
+                    # request's plan adapter registers it again, without reloading its experts)
+                    await engine.collective_rpc("moerge_finish_plan", args=(lora.lora_int_id,))
                 if unique:
                     self.adapters.release(lora.lora_int_id)
                 if doomed is not None and not dead:

@@ -119,8 +119,10 @@ def build_router(runtime, keys) -> APIRouter:
                               "or one .tar.gz holding them")
         with full_disk_is_507(pool.root):
             folder = new_upload_dir(pool.store.staging.parent / "uploads")
+        # an ESFT adapter (moerge-esft/1 over the pool's MoE base): form field kind=esft, or its file names
+        esft = form.get("kind") == "esft" or any((up.filename or "").startswith("esft_") for up in uploads)
         try:
-            limit = runtime.settings.max_upload_bytes
+            limit = runtime.settings.max_esft_upload_bytes if esft else runtime.settings.max_upload_bytes
             files = []
             for up in uploads:
                 fname = up.filename or ""
@@ -128,7 +130,8 @@ def build_router(runtime, keys) -> APIRouter:
                 data = await up.read(cap + 1)
                 if len(data) > cap:
                     raise UploadTooLargeError(f"{fname} is over the limit of {cap / 2**20:.1f} MiB: raise "
-                                              "MOERGE_MAX_UPLOAD_MB or upload a smaller adapter")
+                                              f"MOERGE_MAX_{'ESFT_' if esft else ''}UPLOAD_MB or upload a smaller "
+                                              "adapter")
                 check_part(fname, up.content_type, data)
                 files.append((fname, data))
             if any(archive_kind(fname) for fname, _ in files) and len(files) != 1:
@@ -139,7 +142,7 @@ def build_router(runtime, keys) -> APIRouter:
                 else:
                     save_files(folder, files, limit)
             card = await run_in_threadpool(
-                pool.register_lora, folder, name, str(form.get("description") or ""),
+                pool.register_esft if esft else pool.register_lora, folder, name, str(form.get("description") or ""),
                 tags=_form_list(form, "tags"), examples=_form_list(form, "examples"))
         finally:
             shutil.rmtree(folder, ignore_errors=True)

@@ -46,7 +46,8 @@ class KeyedLimits:
     def __init__(self, settings: Settings, keys: KeyCheck):
         self.keys = keys
         self.max_request_bytes = settings.max_request_bytes
-        upload = ArchiveLimits.for_upload(settings.max_upload_bytes).max_total_bytes + MULTIPART_OVERHEAD
+        biggest = max(settings.max_upload_bytes, settings.max_esft_upload_bytes)     # LoRA or ESFT adapter
+        upload = ArchiveLimits.for_upload(biggest).max_total_bytes + MULTIPART_OVERHEAD
         self.upload_bytes = max(settings.max_request_bytes, upload)
         self.max_streams = settings.max_streams_per_key
         self.body_timeout_s = settings.body_timeout_s

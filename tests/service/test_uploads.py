@@ -157,7 +157,8 @@ def upload_server(real_settings, tmp_path_factory, base_model_dir):
     from moerge.service.factory import build_runtime
     s = real_settings.model_copy(update={
         "pool_dir": tmp_path_factory.mktemp("upload-pool"), "admin_key": "admin-secret", "api_keys": ["user-key"],
-        "routing_method": "embed", "max_upload_mb": LIMIT / MiB, "max_request_bytes": 1 * MiB,
+        "routing_method": "embed", "max_upload_mb": LIMIT / MiB, "max_esft_upload_mb": LIMIT / MiB,
+        "max_request_bytes": 1 * MiB,
         "body_timeout_s": 2.0})
     runtime = build_runtime(s, progress=lambda m: None)
     keeper = make_lora(base_model_dir, tmp_path_factory.mktemp("keeper") / "k", base_name=BASE_ID, r=2,

@@ -1,6 +1,6 @@
 """`make bench`: every benchmark, measured side by side in one run; prints ratios, saves JSON.
 
-python -m bench [kernels] [generation] [routing] [vllm] [service]   (default: all)
+python -m bench [kernels] [generation] [routing] [vllm] [service] [reroute] [moe]   (default: all)
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from bench import kernels, routing, vllm_serving
 
 
 def main(argv: list[str]) -> None:
-    wanted = argv or ["kernels", "generation", "routing", "vllm", "service"]
+    wanted = argv or ["kernels", "generation", "routing", "vllm", "service", "reroute", "moe"]
     results = {}
     if "kernels" in wanted:
         results["kernels"] = kernels.run()
@@ -27,6 +27,12 @@ def main(argv: list[str]) -> None:
         results["vllm"] = vllm_serving.run_throughput()
     if "service" in wanted:
         results["service_latency"] = vllm_serving.run_service_latency()
+    if "reroute" in wanted:      # the ESFT rerouting kernel inside one MoE layer (issue 11)
+        from bench import reroute
+        results["reroute"] = reroute.run()
+    if "moe" in wanted:          # ESFT adapters over the shared MoE base vs merged checkpoints (issue 11)
+        from bench import moe_serving
+        results["moe_serving"] = moe_serving.main([])
     out = Path("runs/bench")
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=2))

@@ -34,7 +34,27 @@ from moerge.moe.base import MoeBase
 from moerge.moe.esft import PROJ, adapter_bytes, checkpoint_key, expert_key, load_esft, merged_checkpoint, save_esft
 from moerge.plan import ExecutionPlan, ExpertRef
 
-DEFAULT_BASE = Path.home() / ".cache/moerge/pool/moe/f6fac7c79d960017"
+BENCH_EXPERTS = ["arith_add", "uppercase", "capital_of", "sentiment"]    # + the plain base MLP: 5 experts
+
+
+def default_base() -> MoeBase:
+    """The benchmark's MoE base: top-2 over the plain base MLP and 4 bundled experts, built once into a
+    private pool in the cache folder (about a minute) and reused."""
+    from moerge.config import get_settings
+    from moerge.moe.base import current_moe
+    from moerge.moe.build import build_moe
+    from moerge.startup import start
+    settings = get_settings()
+    system = start(settings, executor="reference", pool_dir=settings.home / "bench" / "moe_pool", bundled=True,
+                   with_router=False, progress=lambda m: print(m, file=sys.stderr))
+    try:
+        base = current_moe(system.pool.root)
+        if base is None or list(base.experts[1:]) != BENCH_EXPERTS:
+            base = build_moe(system.pool, system.assets.base_model, BENCH_EXPERTS,
+                             progress=lambda m: print(m, file=sys.stderr))
+        return base
+    finally:
+        system.pool.close()
 ASSETS = Path.home() / ".cache/moerge/bench/moe_serving"
 console = Console(width=150)
 T0 = time.monotonic()
@@ -327,10 +347,11 @@ def main(argv: list[str]) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path("runs/bench/moe_serving"))
     ap.add_argument("--quick", action="store_true", help="12 requests × 8 tokens, mixes of 2 and 4, N=2")
-    ap.add_argument("--base", type=Path, default=DEFAULT_BASE)
+    ap.add_argument("--base", type=Path, default=None, help="an MoE base folder (default: built from the "
+                    "bundled library in the cache folder)")
     args = ap.parse_args(argv)
     setup = QUICK if args.quick else Setup()
-    base = MoeBase.load(args.base)
+    base = MoeBase.load(args.base) if args.base is not None else default_base()
     refs = make_adapters(base, max(setup.mixes), setup.seed)
     for ref in refs[:setup.mixes[0]]:
         merged_dir(base, ref)

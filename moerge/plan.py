@@ -28,6 +28,12 @@ class PlanError(ExpertError):
     status = 400
 
 
+class EngineStartingError(PlanError):
+    """The only engines that run this kind of plan are starting or restarting: try again shortly."""
+    status = 503
+    retry_after = 2
+
+
 @dataclass(frozen=True)
 class ExpertRef:
     """Everything an engine needs to load one LoRA expert: files and a version, never the card."""
@@ -218,6 +224,9 @@ def make_plan(decision: RoutingDecision | None, pool, engines: Engines) -> Execu
         if not why:
             return _with(plan, engine=caps.name, fallback="; ".join(reasons))
         reasons.append(why)
+    if any(plan.kind in caps.kinds and not caps.ready for caps in engines.local):
+        raise EngineStartingError("the engine for this plan is not ready: " + "; ".join(reasons) +
+                                  "; send the request again shortly")
     raise PlanError("no engine here can run this plan: " + "; ".join(reasons))
 
 

@@ -447,7 +447,7 @@ class VllmMoeExecutor(VllmExecutor):
     name = "vllm-moe"
     kinds = frozenset({"moe", "esft"})
 
-    def __init__(self, model_dir: Path, *, adapter_rows: int = 32, max_adapters: int = 8, **kwargs):
+    def __init__(self, model_dir: Path, *, adapter_rows: int = 16, max_adapters: int = 8, **kwargs):
         self.adapter_rows, self.max_adapters = int(adapter_rows), int(max_adapters)
         self.moe_state: dict = {}
         super().__init__(model_dir, **kwargs)

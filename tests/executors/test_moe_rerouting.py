@@ -152,3 +152,19 @@ def test_forget_evicts_an_idle_removed_adapter(moe, tmp_path):
     assert state.forget([], "a") == []            # still running
     assert state.forget([1], "a") == [a.key]
     assert not state.resident and state.layers[1].remap[1:].tolist() == [list(range(M))] * 2
+
+
+def test_moe_plans_go_only_to_the_moe_engine_and_wait_for_it_with_a_503():
+    from moerge.plan import EngineCaps, Engines, EngineStartingError, PlanError, make_plan
+    from moerge.router.moe_method import MoeRouter
+    decision = MoeRouter.__new__(MoeRouter).route("anything")
+    dense, ref = EngineCaps("vllm", kinds=frozenset({"base", "adapter"})), EngineCaps("reference")
+    moe_kinds = frozenset({"moe", "esft"})
+    plan = make_plan(decision, None, Engines([dense, EngineCaps("vllm-moe", kinds=moe_kinds), ref]))
+    assert (plan.kind, plan.engine) == ("moe", "vllm-moe")
+    with pytest.raises(EngineStartingError) as starting:
+        make_plan(decision, None, Engines([dense, EngineCaps("vllm-moe", ready=False, kinds=moe_kinds), ref]))
+    assert starting.value.status == 503
+    with pytest.raises(PlanError) as missing:          # no MoE engine at all: the client's request is wrong
+        make_plan(decision, None, Engines([dense, ref]))
+    assert missing.value.status == 400 and "moe" in missing.value.message

@@ -1,8 +1,8 @@
 """Worker side of ESFT serving over the shared MoE base (ExpertWeave-style), inside vLLM.
 
 Every MoE layer of the served MoE base keeps vLLM's CPU fused-MoE kernel, over an *extended*
-expert table: physical rows 0..M-1 are the base's M experts, rows M..M+C-1 hold the experts of
-resident ESFT adapters (C = `rows` per layer). Each resident adapter owns a slot s; each layer has
+expert table: physical rows 0..M-1 are the base's M experts, rows M.. hold the experts of resident
+ESFT adapters: allocated as adapters need them, up to `rows` per layer, then reused. Each resident adapter owns a slot s; each layer has
 a remap table [A+1, M] (row 0 the identity, row s+1 the adapter in slot s: its replaced experts
 point at their physical rows, the others at themselves).
 
@@ -32,6 +32,7 @@ from moerge.plan import ExpertRef
 
 ESFT_WEIGHTS = "esft_model.safetensors"
 ESFT_CONFIG = "esft_config.json"
+GROW_ROWS = 2          # a layer's expert tables grow by at least this many rows at a time
 
 
 @dataclass
@@ -40,9 +41,10 @@ class MoeLayer:
     runner: Any                  # vLLM's MoERunner (holds the router)
     experts: Any                 # vLLM's RoutedExperts (holds w13_weight [P, 2I, H] and w2_weight [P, H, I])
     remap: torch.Tensor          # [A+1, M] int32
-    free: list[int]              # free physical rows
+    free: list[int]              # free physical rows (allocated, holding no adapter's expert)
     isa: str | None              # the CPU kernel's packing ("amx" | "vec"), None when weights are not prepacked
     owner: "MoeRerouting"
+    allocated: int = 0           # adapter rows allocated so far (grows on demand up to the engine's `rows`)
 
     def route(self, hidden_states, gating_output, topk, renormalize):
         rows = self.owner.token_rows
@@ -118,18 +120,10 @@ class MoeRerouting:
         self.rows, self.max_adapters = int(rows), int(max_adapters)
         for name, runner in found:
             ex = runner.routed_experts
-            w13, w2 = ex.w13_weight, ex.w2_weight
-            M = w13.shape[0]
+            M = ex.w13_weight.shape[0]
             self.n_experts = M
-            new13 = torch.zeros((M + self.rows,) + tuple(w13.shape[1:]), dtype=w13.dtype)
-            new2 = torch.zeros((M + self.rows,) + tuple(w2.shape[1:]), dtype=w2.dtype)
-            new13[:M].copy_(w13.data)
-            new2[:M].copy_(w2.data)
-            ex.w13_weight = torch.nn.Parameter(new13, requires_grad=False)
-            ex.w2_weight = torch.nn.Parameter(new2, requires_grad=False)
             index = _layer_index(name)
-            layer = MoeLayer(index, runner, ex, identity_remap(self.max_adapters + 1, M),
-                             list(range(M, M + self.rows)), _find_isa(ex), self)
+            layer = MoeLayer(index, runner, ex, identity_remap(self.max_adapters + 1, M), [], _find_isa(ex), self)
             runner.router.custom_routing_function = layer.route
             self.layers[index] = layer
         self.free_slots = list(range(self.max_adapters))
@@ -164,12 +158,16 @@ class MoeRerouting:
         busy = self._busy()
         idle = [r for k, r in self.resident.items() if k not in busy]
         fits = (len(self.free_slots) + len(idle) >= 1 and
-                all(len(self.layers[layer].free) + sum(len(r.rows.get(layer, {})) for r in idle) >= n
+                all(self._room(self.layers[layer]) + sum(len(r.rows.get(layer, {})) for r in idle) >= n
                     for layer, n in need.items()))
         if not fits:      # refused before evicting anything
             raise RuntimeError("every adapter row or slot of the MoE engine is used by running requests: "
                                "raise moe_adapter_rows / moe_max_adapters or send fewer distinct ESFT "
                                "adapters at once")
+        for layer_idx, n in need.items():          # rows are allocated as adapters need them, up to `rows`
+            layer = self.layers[layer_idx]
+            if len(layer.free) < n and layer.allocated < self.rows:
+                self._grow(layer, min(self.rows - layer.allocated, max(n - len(layer.free), GROW_ROWS)))
         while not self.free_slots or any(len(self.layers[layer].free) < n for layer, n in need.items()):
             self._evict(next(k for k in self.resident if k not in busy))
         tensors = load_file(str(folder / ESFT_WEIGHTS))
@@ -186,6 +184,25 @@ class MoeRerouting:
                 layer.remap[slot + 1, e] = row
         self.resident[ref.key] = res
         self.loads += 1
+
+    def _room(self, layer: MoeLayer) -> int:
+        """Rows this layer can still give an adapter without evicting: free ones and unallocated ones."""
+        return len(layer.free) + self.rows - layer.allocated
+
+    def _grow(self, layer: MoeLayer, k: int) -> None:
+        """Add k zero rows to the layer's expert tables (between forwards: the kernel reads the tables
+        from the layer at every call)."""
+        ex = layer.experts
+        w13, w2 = ex.w13_weight.data, ex.w2_weight.data
+        P = w13.shape[0]
+        new13 = torch.zeros((P + k,) + tuple(w13.shape[1:]), dtype=w13.dtype)
+        new2 = torch.zeros((P + k,) + tuple(w2.shape[1:]), dtype=w2.dtype)
+        new13[:P].copy_(w13)
+        new2[:P].copy_(w2)
+        ex.w13_weight = torch.nn.Parameter(new13, requires_grad=False)
+        ex.w2_weight = torch.nn.Parameter(new2, requires_grad=False)
+        layer.free += list(range(P, P + k))
+        layer.allocated += k
 
     def _write_row(self, layer: MoeLayer, row: int, tensors: dict, layer_idx: int, e: int) -> None:
         from vllm._custom_ops import cpu_prepack_moe_weight
@@ -249,6 +266,7 @@ class MoeRerouting:
             return {"moe_layers": len(self.layers), "logical_experts": self.n_experts, "adapter_rows": self.rows,
                     "max_adapters": self.max_adapters, "resident_adapters": list(self.resident),
                     "free_rows": {i: len(layer.free) for i, layer in self.layers.items()} if self.layers else {},
+                    "allocated_rows": {i: layer.allocated for i, layer in self.layers.items()},
                     "plans": len(self.plans), "adapter_loads": self.loads, "adapter_evictions": self.evictions,
                     "isa": next(iter(self.layers.values())).isa if self.layers else None}
 

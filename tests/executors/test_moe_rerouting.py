@@ -72,14 +72,22 @@ def route(state, layer, rows, logits):
     return state.layers[layer].route(None, logits, 2, True)
 
 
-def test_setup_extends_every_layer_and_keeps_the_base_experts(moe):
+def test_rows_are_allocated_as_adapters_need_them_and_the_base_experts_stay(moe, tmp_path):
     state, model, base = moe
     assert sorted(state.layers) == list(range(LAYERS))
     for i in range(LAYERS):
         w13, w2 = layer_weights(model, i)
-        assert w13.shape[0] == w2.shape[0] == M + 3
-        assert torch.equal(w13[:M], base[i][0]) and torch.equal(w2[:M], base[i][1])
+        assert w13.shape[0] == w2.shape[0] == M                     # nothing allocated before an adapter comes
         assert model.layers[i].block_sparse_moe.experts.router.custom_routing_function == state.layers[i].route
+    state.register_plan(1, adapter(tmp_path, "a", {0: [1, 2], 2: [3]}, seed=1))
+    shapes = [layer_weights(model, i)[0].shape[0] for i in range(LAYERS)]
+    assert shapes == [M + 2, M, M + 2]                               # 2 rows at least per growth, only where used
+    for i in range(LAYERS):
+        w13, w2 = layer_weights(model, i)
+        assert torch.equal(w13[:M], base[i][0]) and torch.equal(w2[:M], base[i][1])
+    state.register_plan(2, adapter(tmp_path, "b", {0: [0]}, seed=2))
+    assert layer_weights(model, 0)[0].shape[0] == M + 3              # capped at the engine's `rows`
+    assert state.describe()["allocated_rows"] == {0: 3, 1: 0, 2: 2}
 
 
 def test_an_adapters_tokens_reach_its_rows_and_other_tokens_the_base(moe, tmp_path):
@@ -142,7 +150,7 @@ def test_too_many_experts_in_one_layer_is_refused_with_the_setting_to_raise(moe,
     big = adapter(tmp_path, "big", {0: [0, 1, 2, 3]}, seed=4)
     with pytest.raises(RuntimeError, match="moe_adapter_rows"):
         state.register_plan(1, big)
-    assert not state.resident and all(len(layer.free) == 3 for layer in state.layers.values())
+    assert not state.resident and all(layer.allocated == 0 and not layer.free for layer in state.layers.values())
 
 
 def test_forget_evicts_an_idle_removed_adapter(moe, tmp_path):

@@ -48,7 +48,8 @@ def moe_system(real_settings, tmp_path_factory):
     from moerge.startup import attach_moe, start
     s = start(real_settings, executor="reference", pool_dir=tmp_path_factory.mktemp("moe-pool"), bundled=True,
               progress=lambda m: None)
-    base = build_moe(s.pool, s.assets.base_model, ["arith_add", "uppercase", "capital_of"], progress=lambda m: None)
+    base = build_moe(s.pool, s.assets.base_model, ["arith_add", "uppercase", "capital_of"], prompts_per_expert=4,
+                     progress=lambda m: None)
     root = tmp_path_factory.mktemp("esft")
     s.pool.register_esft(synthetic_esft(base, root / "a", MAP_A, 1), "esft_a",
                          "Answers questions about tide tables and the sea's depth in fathoms.",

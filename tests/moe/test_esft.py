@@ -370,7 +370,7 @@ def test_a_short_esft_build_on_a_real_moe_base_registers_and_validates(tmp_path,
         entries = {e["name"]: e for e in library_entries()}
         for name in ("arith_add", "uppercase"):
             pool.register_lora(LIBRARY / name, name, entries[name]["description"], examples=entries[name]["examples"])
-        base = build_moe(pool, base_model_dir, ["arith_add", "uppercase"], progress=lambda m: None)
+        base = build_moe(pool, base_model_dir, ["arith_add", "uppercase"], prompts_per_expert=4, progress=lambda m: None)
         assert current_moe(root) == base and base.n_experts == 3 and base.hidden == 576
         cfg = EsftConfig(task="arith_add", steps=4, batch_size=4, warmup=1, affinity_samples=16, dev_size=4,
                          max_new_tokens=8, eval_every=1000)

@@ -96,9 +96,9 @@ class Settings(BaseSettings):
     moe_engine: str = Field(default="auto", description="auto | on | off: serve the pool's MoE base (`moerge moe "
                             "build`) in a second vLLM engine, for ESFT experts and the `moe` method. auto: when the "
                             "pool has one and the executor is vllm; on: fail to start without one")
-    moe_adapter_rows: int = Field(default=16, ge=1, description="physical expert rows per MoE layer for resident ESFT "
-                                  "adapters' experts, allocated when the MoE engine starts (one row per layer is one "
-                                  "expert MLP: 30 × 5.3 MB = 159 MB in bf16 for this base model)")
+    moe_adapter_rows: int = Field(default=16, ge=1, description="most physical expert rows per MoE layer for resident "
+                                  "ESFT adapters' experts, allocated as adapters need them (a row in every layer is "
+                                  "30 × 5.3 MB = 159 MB in bf16 for this base model); past that, idle adapters are evicted")
     moe_max_adapters: int = Field(default=8, ge=1, description="ESFT adapters resident in the MoE engine at once "
                                   "(least recently used idle ones are evicted past that, or when rows run out)")
     vllm_onednn_cache: int = Field(default=16, ge=1, description="oneDNN primitives the vLLM engine keeps in its "

@@ -76,8 +76,10 @@ class Evaluator:
         todo = []
         for i, (s, d) in enumerate(zip(samples, decisions)):
             plan = self.system.plan(d)
-            key = self.cache.key(f"{plan.engine}{ENGINE_REVISION.get(plan.engine, '')}|{plan.signature()}", s.prompt,
-                                 max_tokens[i])
+            # an engine whose model can change under the same plan (the MoE engine: its MoE base) salts the key
+            salt = getattr(self.system.executor(plan), "cache_salt", "")
+            key = self.cache.key(f"{plan.engine}{ENGINE_REVISION.get(plan.engine, '')}{salt}|{plan.signature()}",
+                                 s.prompt, max_tokens[i])
             hit = self.cache.get(key)
             if hit is not None:
                 out[i] = hit

@@ -32,8 +32,5 @@ def prepare(settings, pool_dir: Path | None = None, engine: str = "auto", dtype:
         for ex in system.local[:-1]:
             ex.wait_ready(900)
     state = sorted((c.name, sorted(c.artifacts.items())) for c in system.pool.list())
-    if moe:
-        from moerge.moe.base import current_moe
-        state.append(("moe", current_moe(system.pool.root).version))
     namespace = hashlib.sha256(json.dumps(["v2", dtype if engine == "auto" else "float32", state]).encode()).hexdigest()[:16]
     return system, namespace

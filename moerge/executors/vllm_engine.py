@@ -450,6 +450,9 @@ class VllmMoeExecutor(VllmExecutor):
     def __init__(self, model_dir: Path, *, adapter_rows: int = 16, max_adapters: int = 8, **kwargs):
         self.adapter_rows, self.max_adapters = int(adapter_rows), int(max_adapters)
         self.moe_state: dict = {}
+        manifest = Path(model_dir) / "moerge_moe.json"
+        # the MoE base's version: generations cached for a `moe` plan are only reused on the same base
+        self.cache_salt = "@" + json.loads(manifest.read_text())["version"][:16] if manifest.exists() else ""
         super().__init__(model_dir, **kwargs)
 
     async def _after_start(self) -> None:

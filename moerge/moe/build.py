@@ -9,8 +9,10 @@ An expert's attention LoRA is dropped: the MoE base shares one attention, as tho
 Router rows (no gradient training):
 - "hidden" (default): a least-squares linear probe, per layer, from the MLP's input at a token to
   the expert that token belongs to. Its data are the hidden states of each expert's prompts (the
-  card's examples, plus training prompts of its task when the card names one), taken only at the
-  user's tokens; the chat template's own tokens are the plain base MLP's class (expert 0). No bias,
+  card's examples, plus training samples of its task when the card names one), taken at every token
+  from the user's text on: the text, the template's closing tokens (the last one predicts the answer's
+  first token) and the answer. The template's opening tokens, the same in every request, are the plain
+  base MLP's class (expert 0). No bias,
   as Mixtral's router has none; rows scaled by α. The build reports how often the router picks the
   own expert on held-out prompts of each expert (`diagnostics` in moerge_moe.json).
 - "gates": each expert's PHATGOOSE gate on that layer's gate_proj input (the router's own input
@@ -70,15 +72,18 @@ def mixtral_config(dense: dict, n_experts: int, top_k: int) -> dict:
     }
 
 
-def _prompts_for(card, n_task: int, seed: int) -> list[str]:
-    """The card's example prompts, plus `n_task` training prompts of its task when it has one."""
-    prompts = list(card.examples or [card.description or card.name])
+def _prompts_for(card, n_task: int, seed: int, examples: bool = True) -> list[tuple[str, str | None]]:
+    """(prompt, answer or None): the card's example prompts (no answers), plus `n_task` training samples of
+    its task (with answers) when the card names one."""
+    out: list[tuple[str, str | None]] = []
+    if examples or not (card.extra or {}).get("task"):
+        out += [(p, None) for p in (card.examples or [card.description or card.name])]
     task = (card.extra or {}).get("task")
     if task and n_task:
         from moerge.tasks import BY_NAME
         if task in BY_NAME:
-            prompts += [smp.prompt for smp in BY_NAME[task].samples(n_task, seed, "train", "content")]
-    return prompts
+            out += [(smp.prompt, smp.answer) for smp in BY_NAME[task].samples(n_task, seed, "train", "content")]
+    return out
 
 
 def _user_spans(encoded: list[list[int]]) -> list[tuple[int, int]]:
@@ -198,27 +203,29 @@ def build_moe(pool, base_dir: Path, experts: list[str] | None = None, *, include
     diagnostics: dict = {}
     if router_init == "hidden":
         from moerge.experts.training import user_turn
-        from moerge.models.chat import encode_chat
+        from moerge.models.chat import encode_chat, encode_chat_answer
         # class 0 (the plain base MLP, when included): the chat template's own tokens, which no expert owns
         train, held = [], []
         for i, c in enumerate(cards):
             progress(f"router rows: hidden states of {c.name}'s prompts ({i + 1}/{len(cards)})")
             for split, seed in ((train, 0), (held, 1)):
-                prompts = _prompts_for(c, prompts_per_expert if split is train else max(4, prompts_per_expert // 4),
-                                       seed)
-                if split is held:
-                    prompts = prompts[len(c.examples or [c.description or c.name]):] or prompts
-                encoded = [encode_chat(tok, user_turn(p)) for p in prompts]
-                spans = _user_spans(encoded)
-                for f, (a, b) in zip(_mlp_inputs(model, encoded), spans):
-                    split.append(([x[a:b] for x in f], first + i))
+                pairs = _prompts_for(c, prompts_per_expert if split is train else max(4, prompts_per_expert // 4),
+                                     seed, examples=split is train)
+                prompts = [encode_chat(tok, user_turn(p)) for p, _ in pairs]
+                spans = _user_spans(prompts)
+                full = [encode_chat_answer(tok, user_turn(p), a)[0] if a is not None else ids
+                        for (p, a), ids in zip(pairs, prompts)]
+                for f, (a, _b), ids in zip(_mlp_inputs(model, full), spans, prompts):
+                    # the expert's tokens: from the user's text on (the template's closing tokens predict the
+                    # answer's first token); the base's: the template's opening, the same in every request
+                    split.append(([x[a:] for x in f], first + i))
                     if include_base and split is train:
-                        split.append(([torch.cat([x[:a], x[b:]]) for x in f], 0))
+                        split.append(([x[:a] for x in f], 0))
         probe = _probe_rows(train, len(names), alpha)
         rows[:] = probe
         diagnostics["held_out_routing"] = _route_accuracy(probe, [(f, c) for f, c in held if c >= first])
         progress(f"router on held-out prompts of each expert: own expert top-1 on "
-                 f"{100 * diagnostics['held_out_routing']['token_top1']:.1f}% of user tokens, "
+                 f"{100 * diagnostics['held_out_routing']['token_top1']:.1f}% of the request's tokens, "
                  f"{100 * diagnostics['held_out_routing']['prompt_top1']:.1f}% of prompts (mean over layers)")
     else:
         for i, c in enumerate(cards):

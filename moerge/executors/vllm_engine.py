@@ -28,7 +28,7 @@ from moerge.config import cpu_core_list
 from moerge.experts.errors import ExpertError
 from moerge.models.chat import encode_chat
 from moerge.models.generation import Generation, SamplingParams, StreamDelta
-from moerge.plan import EngineCaps, ExecutionPlan
+from moerge.plan import EngineCaps, ExecutionPlan, PlanError
 from moerge.executors.vllm_plans import PLAN_FILE
 
 log = logging.getLogger("moerge.vllm")
@@ -458,3 +458,40 @@ class VllmMoeExecutor(VllmExecutor):
     async def _after_start(self) -> None:
         self.moe_state = (await self.engine.collective_rpc("moerge_moe_setup",
                                                            args=(self.adapter_rows, self.max_adapters)))[0]
+
+    admit_timeout_s = 120.0
+
+    async def _agenerate(self, prompt_ids: list[int], sp, plan: ExecutionPlan, out_q: queue.Queue | None):
+        """ESFT requests are admitted so that the worker never needs more adapters at once than it has
+        slots: a request for an adapter not already running waits (bounded) while `max_adapters` others
+        run. An adapter with more experts in a layer than the engine has rows is refused up front."""
+        if plan.kind != "esft":
+            return await super()._agenerate(prompt_ids, sp, plan, out_q)
+        key = plan.experts[0].key
+        self._check_fits(plan.experts[0])
+        if not hasattr(self, "_running"):
+            self._running: dict[str, int] = {}
+            self._admission = asyncio.Condition()
+        async with self._admission:
+            try:
+                await asyncio.wait_for(self._admission.wait_for(
+                    lambda: key in self._running or len(self._running) < self.max_adapters), self.admit_timeout_s)
+            except asyncio.TimeoutError:
+                raise EngineUnavailableError(f"all {self.max_adapters} ESFT adapter slots of the MoE engine stayed "
+                                             "busy: send the request again shortly, or raise moe_max_adapters") from None
+            self._running[key] = self._running.get(key, 0) + 1
+        try:
+            return await super()._agenerate(prompt_ids, sp, plan, out_q)
+        finally:
+            async with self._admission:
+                self._running[key] -= 1
+                if not self._running[key]:
+                    del self._running[key]
+                self._admission.notify_all()
+
+    def _check_fits(self, ref) -> None:
+        per_layer = json.loads((Path(ref.adapter_dir) / "esft_config.json").read_text())["experts"]
+        most = max((len(ids) for ids in per_layer.values()), default=0)
+        if most > self.adapter_rows:
+            raise PlanError(f"ESFT expert {ref.name!r} replaces {most} experts in one layer, more than the "
+                            f"{self.adapter_rows} adapter rows the MoE engine keeps per layer: raise moe_adapter_rows")

@@ -176,3 +176,38 @@ def test_moe_plans_go_only_to_the_moe_engine_and_wait_for_it_with_a_503():
     with pytest.raises(PlanError) as missing:          # no MoE engine at all: the client's request is wrong
         make_plan(decision, None, Engines([dense, ref]))
     assert missing.value.status == 400 and "moe" in missing.value.message
+
+
+def test_the_moe_engine_admits_no_more_distinct_adapters_than_it_has_slots(tmp_path, monkeypatch):
+    import asyncio
+
+    from moerge.executors import vllm_engine
+    from moerge.plan import ExecutionPlan, PlanError
+    live: dict[str, int] = {}
+    most = []
+
+    async def fake_generate(self, prompt_ids, sp, plan, out_q):
+        key = plan.experts[0].key if plan.experts else "moe"
+        live[key] = live.get(key, 0) + 1
+        most.append(len([k for k in live if k != "moe"]))
+        await asyncio.sleep(0.05)
+        live[key] -= 1
+        if not live[key]:
+            del live[key]
+        return key, {}
+
+    monkeypatch.setattr(vllm_engine.VllmExecutor, "_agenerate", fake_generate)
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text(json.dumps({"hidden_size": 8}))
+    ex = vllm_engine.VllmMoeExecutor(tmp_path / "model", adapter_rows=2, max_adapters=2, start=False)
+    refs = [adapter(tmp_path, n, {0: [1]}, seed=i) for i, n in enumerate("abc")]
+    plans = [ExecutionPlan("esft", (r,)) for r in refs for _ in range(3)] + [ExecutionPlan("moe")] * 3
+
+    async def run():
+        return await asyncio.gather(*[ex._agenerate([1], None, p, None) for p in plans])
+
+    done = asyncio.run(run())
+    assert len(done) == 12 and max(most) == 2          # 3 adapters, 2 slots: the third waited
+    wide = ExecutionPlan("esft", (adapter(tmp_path, "wide", {0: [0, 1, 2]}, seed=9),))
+    with pytest.raises(PlanError, match="moe_adapter_rows"):
+        asyncio.run(ex._agenerate([1], None, wide, None))

@@ -173,23 +173,8 @@ class ExpertPool:
         """A peft-loadable folder for a LoRA card (hard links into the store, made once)."""
         if card.kind != "lora":
             raise ExpertError(f"expert {card.name!r} is a {card.kind}, not a LoRA adapter")
-        key = card.artifacts["adapter_weights"][:16] + card.artifacts["adapter_config"][:16]
-        folder = self.root / "adapters" / key
-        if not (folder / "adapter_model.safetensors").exists():
-            tmp = self.root / "adapters" / f".{key}.{os.getpid()}.{threading.get_ident()}"
-            tmp.mkdir(parents=True, exist_ok=True)
-            for role, fname in (("adapter_config", "adapter_config.json"),
-                                ("adapter_weights", "adapter_model.safetensors")):
-                target = tmp / fname
-                if not target.exists():
-                    os.link(self.store.path(card.artifacts[role]), target)
-            try:
-                os.replace(tmp, folder)
-            except OSError:  # another process made it first
-                for p in tmp.iterdir():
-                    p.unlink()
-                tmp.rmdir()
-        return folder
+        return self._linked_dir("adapters", card, (("adapter_weights", "adapter_model.safetensors"),
+                                                   ("adapter_config", "adapter_config.json")))
 
     def esft_dir(self, card: ExpertCard) -> Path:
         """An ESFT adapter folder for an esft card (esft_config.json + esft_model.safetensors, hard links

@@ -115,6 +115,19 @@ def accuracy(task_name: str, model, tok, samples, max_new_tokens: int = 40) -> t
     return sum(task.score(p, s.answer) for p, s in zip(preds, samples)) / max(1, len(samples)), preds
 
 
+def train_step(model, batch: dict, opt, params: list, lr: float) -> float:
+    """One optimiser step at `lr` (bf16 autocast, gradient norm clipped to 1); the loss, rounded."""
+    for g in opt.param_groups:
+        g["lr"] = lr
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(**batch).loss
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return round(loss.item(), 5)
+
+
 def _lr_at(step: int, cfg: TrainConfig) -> float:
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
@@ -219,15 +232,7 @@ def train_lora(base_dir: Path, cfg: TrainConfig, out: Path, *, base_model_id: st
         if stopped_early:
             break
         batch = collate(encoded[step * cfg.batch_size:(step + 1) * cfg.batch_size], tok.pad_token_id)
-        for g in opt.param_groups:
-            g["lr"] = _lr_at(step, cfg)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss = peft_model(**batch).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(round(loss.item(), 5))
+        losses.append(train_step(peft_model, batch, opt, params, _lr_at(step, cfg)))
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
         done = step + 1
         if done % cfg.eval_every == 0 and done < cfg.steps:

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from moerge.experts.training import RECIPES, accuracy, collate, encode_example, load_tokenizer
+from moerge.experts.training import RECIPES, accuracy, collate, encode_example, load_tokenizer, train_step
 from moerge.moe.base import MoeBase
 from moerge.moe.esft import DEFAULT_THRESHOLD, METRICS, WEIGHTS_NAME, expert_key, save_esft, select_experts
 from moerge.tasks import get_task
@@ -175,15 +175,7 @@ def train_selected(model, tok, cfg: EsftConfig, params: list[nn.Parameter], enco
     model.train()
     for step in bar:
         batch = collate(encoded[step * cfg.batch_size:(step + 1) * cfg.batch_size], tok.pad_token_id)
-        for g in opt.param_groups:
-            g["lr"] = _lr_at(step, cfg)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss = model(**batch).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(round(loss.item(), 5))
+        losses.append(train_step(model, batch, opt, params, _lr_at(step, cfg)))
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
         done = step + 1
         if dev and done % cfg.eval_every == 0 and done < cfg.steps:

@@ -66,10 +66,12 @@ def moe_blocks(model) -> list[nn.Module]:
 
 
 @torch.inference_mode()
-def routing_affinity(model, batches: list[dict[str, torch.Tensor]], top_k: int) -> dict[str, torch.Tensor]:
+def routing_affinity(model, batches: list[dict[str, torch.Tensor]], top_k: int,
+                     skip_prefix: int = 0) -> dict[str, torch.Tensor]:
     """ESFT's two affinities of the tokens in `batches` (prompt and answer, padding left out), [L, M] each:
     "gate": the mean softmax router probability of each expert; "token": the share of top-k slots it wins
-    (its token selection ratio over k). Both rows sum to 1."""
+    (its token selection ratio over k). Both rows sum to 1. `skip_prefix`: leave out each sequence's first
+    tokens (the chat template's opening, the same in every request: it says nothing about the task)."""
     blocks = moe_blocks(model)
     logits: list[list[torch.Tensor]] = [[] for _ in blocks]
     hooks = [b.gate.register_forward_hook(lambda _m, _a, out, i=i: logits[i].append(out[0].float()))
@@ -79,12 +81,14 @@ def routing_affinity(model, batches: list[dict[str, torch.Tensor]], top_k: int) 
         for batch in batches:
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-            masks.append(batch["attention_mask"].reshape(-1).bool())
+            keep = batch["attention_mask"].bool().clone()
+            keep[:, :skip_prefix] = False                                # right-padded: position = token index
+            masks.append(keep.reshape(-1))
     finally:
         for h in hooks:
             h.remove()
     mask = torch.cat(masks)
-    n_tokens = int(mask.sum())
+    n_tokens = max(1, int(mask.sum()))
     gate, token = [], []
     for per_layer in logits:
         lg = torch.cat(per_layer)[mask]                                   # [tokens, M]
@@ -208,7 +212,9 @@ def build_esft(base: MoeBase, cfg: EsftConfig, out: Path, *, show_progress: bool
     probe_batches = _batches([encode_example(tok, s.prompt, s.answer) for s in probe], cfg.batch_size,
                              tok.pad_token_id)
     progress(f"routing affinity of {cfg.task} on {base.id} ({len(probe)} samples)")
-    affinity = routing_affinity(model, probe_batches, base.top_k)
+    from moerge.moe.build import _user_spans
+    opening = _user_spans([ids for ids, _ in encoded[:64]])[0][0] if len(encoded) > 1 else 0
+    affinity = routing_affinity(model, probe_batches, base.top_k, skip_prefix=opening)
     experts = select_experts(affinity[cfg.metric], cfg.threshold, cfg.max_per_layer)
     n = sum(map(len, experts.values()))
     progress(f"selected {n} experts over {len(experts)} layers ({cfg.metric}, p={cfg.threshold}): "

@@ -158,6 +158,9 @@ def test_affinity_rows_sum_to_one_match_a_direct_router_count_and_ignore_padding
     torch.testing.assert_close(one["gate"][0], logits.softmax(-1).mean(0), atol=1e-4, rtol=0)
     counts = torch.bincount(logits.topk(moe.top_k, -1).indices.reshape(-1), minlength=moe.n_experts)
     torch.testing.assert_close(one["token"][0], counts.float() / counts.sum(), atol=1e-6, rtol=0)
+    # the chat template's opening left out: only the tokens after it count
+    skip = routing_affinity(model, [batch], moe.top_k, skip_prefix=20)
+    torch.testing.assert_close(skip["gate"][0], logits[20:].softmax(-1).mean(0), atol=1e-4, rtol=0)
 
 
 # -- training -------------------------------------------------------------------------------------------

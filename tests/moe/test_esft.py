@@ -137,6 +137,7 @@ def _batch(tok, texts):
     return collate([encode_example(tok, t, "42") for t in texts], tok.pad_token_id)
 
 
+@pytest.mark.real   # the real base model's tokenizer
 def test_affinity_rows_sum_to_one_match_a_direct_router_count_and_ignore_padding(moe):
     from moerge.experts.training import load_tokenizer
     tok = load_tokenizer(moe.path)
@@ -164,6 +165,7 @@ def test_affinity_rows_sum_to_one_match_a_direct_router_count_and_ignore_padding
 
 
 # -- training -------------------------------------------------------------------------------------------
+@pytest.mark.real   # the real base model's tokenizer
 def test_training_moves_only_the_selected_experts(moe):
     from moerge.experts.training import encode_example, load_tokenizer
     from moerge.tasks import get_task
@@ -190,6 +192,7 @@ def test_training_moves_only_the_selected_experts(moe):
     assert not torch.equal(tuned[expert_key(0, 1, "w1")], fused[:moe.intermediate])
 
 
+@pytest.mark.real   # the real base model's tokenizer
 def test_build_saves_exactly_the_selected_experts_and_loads_back(built, moe):
     out, manifest = built
     cfg = json.loads((out / CONFIG_NAME).read_text())
@@ -259,6 +262,7 @@ BAD = {
 }
 
 
+@pytest.mark.real   # the real base model's tokenizer
 @pytest.mark.parametrize("case", sorted(BAD))
 def test_a_bad_adapter_is_a_typed_error_and_leaves_the_pool_unchanged(case, built, esft_pool, tmp_path, moe):
     edit, error, words = BAD[case]
@@ -272,6 +276,7 @@ def test_a_bad_adapter_is_a_typed_error_and_leaves_the_pool_unchanged(case, buil
     assert pool_state(esft_pool) == before
 
 
+@pytest.mark.real   # the real base model's tokenizer
 def test_an_adapter_over_the_size_limit_is_413_and_leaves_the_pool_unchanged(built, esft_pool):
     esft_pool.max_esft_bytes = (built[0] / WEIGHTS_NAME).stat().st_size - 1
     before = pool_state(esft_pool)
@@ -280,6 +285,7 @@ def test_an_adapter_over_the_size_limit_is_413_and_leaves_the_pool_unchanged(bui
     assert e.value.status == 413 and pool_state(esft_pool) == before
 
 
+@pytest.mark.real   # the real base model's tokenizer
 def test_a_pool_without_an_moe_base_refuses_and_says_what_to_run(built, tiny_spec, tmp_path):
     from moerge.experts.pool import ExpertPool
     from moerge.moe.base import MoeBaseError
@@ -292,6 +298,7 @@ def test_a_pool_without_an_moe_base_refuses_and_says_what_to_run(built, tiny_spe
 
 
 # -- registration ----------------------------------------------------------------------------------------
+@pytest.mark.real   # the real base model's tokenizer
 def test_registration_stores_the_card_and_both_files(built, esft_pool, moe):
     card = esft_pool.register_esft(built[0], "add-esft", "adds numbers", tags=["math"], examples=["1+1?", "2+3?"])
     got = esft_pool.get("add-esft")
@@ -306,6 +313,7 @@ def test_registration_stores_the_card_and_both_files(built, esft_pool, moe):
         esft_pool.register_esft(built[0], "add-esft")
 
 
+@pytest.mark.real   # the real base model's tokenizer
 def test_registration_that_fails_at_the_commit_leaves_nothing(built, esft_pool, monkeypatch):
     before = pool_state(esft_pool)
 
@@ -317,6 +325,7 @@ def test_registration_that_fails_at_the_commit_leaves_nothing(built, esft_pool, 
     assert pool_state(esft_pool) == before
 
 
+@pytest.mark.real   # the real base model's tokenizer
 def test_esft_dir_is_a_hard_linked_loadable_folder(built, esft_pool, moe, tiny_adapter):
     card = esft_pool.register_esft(built[0], "add-esft")
     folder = esft_pool.esft_dir(card)
@@ -334,6 +343,7 @@ def test_esft_dir_is_a_hard_linked_loadable_folder(built, esft_pool, moe, tiny_a
 
 
 # -- the merged reference ---------------------------------------------------------------------------------
+@pytest.mark.real   # the real base model's tokenizer
 def test_merged_checkpoint_computes_what_the_base_with_the_adapter_computes(built, moe, tmp_path):
     from transformers import AutoModelForCausalLM
     adapter = load_esft(built[0], moe)
@@ -389,6 +399,7 @@ def test_a_short_esft_build_on_a_real_moe_base_registers_and_validates(tmp_path,
         pool.close()
 
 
+@pytest.mark.real   # the real base model's tokenizer
 def test_cli_add_esft_without_an_moe_base_is_one_line_saying_what_to_run(tmp_path, real_settings, built):
     import os
     import subprocess

@@ -47,6 +47,7 @@ def upload(url, folder, name, extra_files=()):
                       data={"name": name, "description": "Tide tables and sea depths.", "examples": "How deep is it?"})
 
 
+@pytest.mark.real   # the real base model's tokenizer
 def test_a_valid_esft_upload_is_registered_as_an_esft_expert(server, tmp_path):
     url, runtime, base = server
     r = upload(url, adapter(tmp_path / "a", base), "tides")
@@ -57,6 +58,7 @@ def test_a_valid_esft_upload_is_registered_as_an_esft_expert(server, tmp_path):
     assert (runtime.pool.esft_dir(runtime.pool.get("tides")) / WEIGHTS_NAME).exists()
 
 
+@pytest.mark.real   # the real base model's tokenizer
 @pytest.mark.parametrize("case", ["other_base", "pickle", "too_big"])
 def test_a_bad_esft_upload_is_refused_and_leaves_the_pool_unchanged(server, tmp_path, case):
     url, runtime, base = server

@@ -31,7 +31,7 @@ from rich.table import Table
 from moerge.experts.lora import read_safetensors
 from moerge.models.generation import SamplingParams
 from moerge.moe.base import MoeBase
-from moerge.moe.esft import PROJ, adapter_bytes, checkpoint_key, expert_key, load_esft, merged_checkpoint, save_esft
+from moerge.moe.esft import adapter_bytes, load_esft, merged_checkpoint, synthetic_esft
 from moerge.plan import ExecutionPlan, ExpertRef
 
 BENCH_EXPERTS = ["arith_add", "uppercase", "capital_of", "sentiment"]    # + the plain base MLP: 5 experts
@@ -98,15 +98,7 @@ def make_adapters(base: MoeBase, n: int, seed: int) -> list[ExpertRef]:
         if not (folder / "esft_config.json").is_file():
             weights = weights if weights is not None else read_safetensors(base.path / "model.safetensors")
             progress(f"writing synthetic ESFT adapter {i} in {folder}")
-            experts = adapter_experts(base, 1000 * seed + i)
-            g = torch.Generator().manual_seed(1000 * seed + i)
-            tensors = {}
-            for layer, ids in experts.items():
-                for e in ids:
-                    for p in PROJ:
-                        x = weights[checkpoint_key(layer, e, p)].float()
-                        tensors[expert_key(layer, e, p)] = x + 0.5 * x.std() * torch.randn(x.shape, generator=g)
-            save_esft(folder, base, experts, tensors, task="synthetic")
+            synthetic_esft(base, folder, adapter_experts(base, 1000 * seed + i), 1000 * seed + i, weights)
         version = hashlib.sha256((folder / "esft_model.safetensors").read_bytes()).hexdigest()
         refs.append(ExpertRef(f"esft{i}", version, str(folder), 0))
     return refs

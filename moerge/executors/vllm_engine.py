@@ -450,6 +450,7 @@ class VllmMoeExecutor(VllmExecutor):
     def __init__(self, model_dir: Path, *, adapter_rows: int = 16, max_adapters: int = 8, **kwargs):
         self.adapter_rows, self.max_adapters = int(adapter_rows), int(max_adapters)
         self.moe_state: dict = {}
+        self._widest: dict[str, int] = {}      # ESFT adapter key -> its most experts in one layer
         manifest = Path(model_dir) / "moerge_moe.json"
         # the MoE base's version: generations cached for a `moe` plan are only reused on the same base
         self.cache_salt = "@" + json.loads(manifest.read_text())["version"][:16] if manifest.exists() else ""
@@ -490,8 +491,11 @@ class VllmMoeExecutor(VllmExecutor):
                 self._admission.notify_all()
 
     def _check_fits(self, ref) -> None:
-        per_layer = json.loads((Path(ref.adapter_dir) / "esft_config.json").read_text())["experts"]
-        most = max((len(ids) for ids in per_layer.values()), default=0)
+        widest = self._widest
+        if ref.key not in widest:
+            per_layer = json.loads((Path(ref.adapter_dir) / "esft_config.json").read_text())["experts"]
+            widest[ref.key] = max((len(ids) for ids in per_layer.values()), default=0)
+        most = widest[ref.key]
         if most > self.adapter_rows:
             raise PlanError(f"ESFT expert {ref.name!r} replaces {most} experts in one layer, more than the "
                             f"{self.adapter_rows} adapter rows the MoE engine keeps per layer: raise moe_adapter_rows")

@@ -19,6 +19,7 @@ running request uses is evicted.
 
 from __future__ import annotations
 
+import json
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -108,7 +109,8 @@ class MoeRerouting:
     # -- set-up (once, after the engine loaded the model) ----------------------------------
     def setup(self, model, rows: int, max_adapters: int) -> dict:
         """Extend every MoE layer's expert table by `rows` physical rows and install the rerouting router."""
-        from vllm._custom_ops import cpu_prepack_moe_weight  # noqa: F401 - fail here, not at the first load
+        import importlib
+        importlib.import_module("vllm._custom_ops")       # fail here, not at the first adapter load
         if self.layers:
             return self.describe()
         found = []
@@ -145,7 +147,6 @@ class MoeRerouting:
     def _load(self, ref: ExpertRef) -> None:
         from safetensors.torch import load_file
         folder = Path(ref.adapter_dir)
-        import json
         experts = {int(k): [int(e) for e in v] for k, v in json.loads((folder / ESFT_CONFIG).read_text())["experts"].items()}
         need = {layer: len(ids) for layer, ids in experts.items()}
         unknown = sorted(set(need) - set(self.layers))

@@ -197,6 +197,23 @@ def load_esft(folder: Path, base: MoeBase, *, max_bytes: int | None = None) -> E
     return EsftAdapter(config=config, experts=experts, tensors=tensors)
 
 
+def synthetic_esft(base: MoeBase, out: Path, experts: dict[int, list[int]], seed: int,
+                   weights: dict[str, torch.Tensor] | None = None) -> Path:
+    """A stand-in ESFT adapter for tests and benchmarks: the base's experts plus seeded noise (half their
+    standard deviation), which changes greedy answers. Ids, shapes and format are a trained adapter's.
+    `weights`: the base's checkpoint tensors, when the caller has them already."""
+    if weights is None:
+        weights = read_safetensors(base.path / WEIGHTS)
+    g = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for layer, ids in experts.items():
+        for e in ids:
+            for p in PROJ:
+                x = weights[checkpoint_key(layer, e, p)].float()
+                tensors[expert_key(layer, e, p)] = x + 0.5 * x.std() * torch.randn(x.shape, generator=g)
+    return save_esft(out, base, experts, tensors, task="synthetic")
+
+
 def merged_checkpoint(base: MoeBase, adapter: EsftAdapter, out_dir: Path) -> Path:
     """A standalone Mixtral checkpoint: `base` with the adapter's experts copied into their ids.
 

@@ -10,7 +10,7 @@ import types
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from moerge.executors.vllm_moe import MoeRerouting
 from moerge.plan import ExpertRef
@@ -103,8 +103,7 @@ def test_an_adapters_tokens_reach_its_rows_and_other_tokens_the_base(moe, tmp_pa
     assert sorted(ids[0].tolist()) == [1, 2] and sorted(ids[3].tolist()) == [1, 2]
     assert sorted(ids[1].tolist()) == sorted([phys[1], phys[2]]) and min(phys.values()) >= M
     w13, w2 = layer_weights(model, 0)
-    tensors = {k: v for k, v in __import__("safetensors.torch").torch.load_file(
-        f"{ref.adapter_dir}/esft_model.safetensors").items()}
+    tensors = load_file(f"{ref.adapter_dir}/esft_model.safetensors")
     assert torch.equal(w13[phys[1], :I], tensors["layers.0.experts.1.w1.weight"])
     assert torch.equal(w13[phys[1], I:], tensors["layers.0.experts.1.w3.weight"])
     assert torch.equal(w2[phys[1]], tensors["layers.0.experts.1.w2.weight"])

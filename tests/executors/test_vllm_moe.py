@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from moerge.models.generation import SamplingParams
+from moerge.moe.esft import synthetic_esft
 from moerge.router.base import make_router
 from tests.helpers import pinned
 
@@ -23,22 +24,6 @@ PROMPTS = ["What is 345 + 210? Answer with the number only.", "Convert to upper 
 MAP_A = {0: [1], 5: [0, 2], 17: [1, 3], 29: [2]}
 MAP_B = {layer: [2] for layer in range(0, 30, 3)}
 PARAMS = SamplingParams(max_tokens=12, ignore_eos=True)
-
-
-def synthetic_esft(base, out, experts, seed):
-    """An ESFT adapter whose experts are the base's plus noise (a stand-in for training: shapes, ids
-    and format are the real ones, and the noise changes the greedy answers)."""
-    from moerge.experts.lora import read_safetensors
-    from moerge.moe.esft import PROJ, checkpoint_key, expert_key, save_esft
-    w = read_safetensors(base.path / "model.safetensors")
-    g = torch.Generator().manual_seed(seed)
-    tensors = {}
-    for layer, ids in experts.items():
-        for e in ids:
-            for p in PROJ:
-                x = w[checkpoint_key(layer, e, p)].float()
-                tensors[expert_key(layer, e, p)] = x + 0.5 * x.std() * torch.randn(x.shape, generator=g)
-    return save_esft(out, base, experts, tensors, task="synthetic")
 
 
 @pytest.fixture(scope="module")

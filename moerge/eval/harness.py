@@ -21,10 +21,12 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from moerge.eval.cache import GenerationCache
+from moerge.eval.chain import generate_with_chains
 from moerge.models.generation import SamplingParams
 from moerge.router.base import RoutingDecision, make_router
 from moerge.router.calibrate import ood_split
-from moerge.tasks import HELD_IN, HELD_OUT, get_task, out_of_domain_prompts
+from moerge.router.chain import is_chain
+from moerge.tasks import COMPOSED, HELD_IN, HELD_OUT, get_task, out_of_domain_prompts
 
 EVAL_SEED = 20261124
 # bumped when an engine's output for the same plan changes (a fix), so cached generations are not reused
@@ -41,6 +43,8 @@ class MethodSpec:
 def default_methods(quick: bool = False, alphas=(1.0, 3.0, 10.0, 30.0, 100.0)) -> list[MethodSpec]:
     specs = [MethodSpec(m, m) for m in ("base", "oracle", "merge-linear", "merge-ties", "merge-cat", "retrieval",
                                         "embed", "glider-global", "arrow", "phatgoose", "glider")]
+    # glider-global per step when a request asks for skills in sequence (router/chain.py), else glider-global
+    specs.append(MethodSpec("chain", "chain"))
     if not quick:
         # learns from feedback stored in the pool; a fresh evaluation pool has none, so this is its cold
         # start (= glider-global). `moerge eval --feedback-curve` streams feedback first (eval/feedback.py)
@@ -118,8 +122,9 @@ class Evaluator:
                 decisions = [router.route(s.prompt, task=task_name) for s in samples]
             lat += [d.latency_ms for d in decisions]
             rows.append((task, samples, decisions, max_tokens_for(task, self.tok, samples)))
-        recs_all = self.generate([s for _, ss, _, _ in rows for s in ss], [d for _, _, ds, _ in rows for d in ds],
-                                 [m for _, ss, _, m in rows for _ in ss])
+        # a `chain` decision runs its steps in order (eval/chain.py); every other decision is one generation
+        recs_all = generate_with_chains(self, [s for _, ss, _, _ in rows for s in ss],
+                                        [d for _, _, ds, _ in rows for d in ds], [m for _, ss, _, m in rows for _ in ss])
         start = 0
         for task, samples, decisions, _ in rows:
             recs = recs_all[start:start + len(samples)]
@@ -130,7 +135,8 @@ class Evaluator:
             seconds += sum(r["seconds"] for r in recs)
             entry = {"accuracy": sum(correct) / len(correct), "n": len(correct),
                      "examples": [{"prompt": s.prompt, "expected": s.answer, "got": r["text"],
-                                   "chosen": d.chosen[:3]} for s, r, d in list(zip(samples, recs, decisions))[:3]]}
+                                   "chosen": d.chosen[:3], **({"chain": r["chain"]} if "chain" in r else {})}
+                                  for s, r, d in list(zip(samples, recs, decisions))[:3]]}
             right = self.expert_of_task.get(task.name)
             entry["chosen_counts"] = _chosen_counts(decisions)
             if right and task.held_in:
@@ -149,11 +155,11 @@ class Evaluator:
         return res
 
     def best_single(self, tasks: list[str], n: int, bar, shift: str = "template") -> dict:
-        """Per held-out task, the best accuracy any one expert gets (and which)."""
+        """Per held-out (and composed) task, the best accuracy any one expert gets (and which)."""
         from moerge.router.base import ExpertScore
         res = {"method": "best-single", "shift": shift, "tasks": {}}
         experts = [c.name for c in self.pool.list() if c.kind == "lora"]
-        for task_name in [t for t in tasks if t in HELD_OUT]:
+        for task_name in [t for t in tasks if t in HELD_OUT or t in COMPOSED]:
             task = get_task(task_name)
             samples = task.samples(n, EVAL_SEED, "eval", shift)
             best = (-1.0, None)
@@ -169,7 +175,7 @@ class Evaluator:
                 best = max(best, (acc, e), key=lambda x: x[0])
             res["tasks"][task_name] = {"accuracy": best[0], "expert": best[1], "per_expert": per_expert, "n": n}
             bar.update(1)
-        _summarise(res, [t for t in tasks if t in HELD_OUT])
+        _summarise(res, [t for t in tasks if t in HELD_OUT or t in COMPOSED])
         return res
 
     def out_of_domain(self, specs: list[MethodSpec]) -> dict:
@@ -198,6 +204,10 @@ def _writes_instructions(router) -> bool:
 def _chosen_counts(decisions) -> dict[str, int]:
     counts: dict[str, int] = {}
     for d in decisions:
+        if is_chain(d):         # a chain counts as its sequence of steps
+            key = "→".join(s["expert"] or "(base)" for s in d.detail["chain"])
+            counts[key] = counts.get(key, 0) + 1
+            continue
         key = d.chosen[0] if d.chosen and d.granularity == "sequence" else ("(base)" if not d.chosen else "(mixture)")
         counts[key] = counts.get(key, 0) + 1
     return counts
@@ -224,6 +234,8 @@ def _summarise(res: dict, tasks: list[str]) -> None:
     ho = [accs[t] for t in tasks if t in HELD_OUT and t in accs]
     res["held_in"] = statistics.mean(hi) if hi else None
     res["held_out"] = statistics.mean(ho) if ho else None
+    co = [accs[t] for t in tasks if t in COMPOSED and t in accs]
+    res["composed"] = statistics.mean(co) if co else None
     top1 = [v["routing_top1"] for v in res["tasks"].values() if "routing_top1" in v]
     res["routing_top1_held_in"] = statistics.mean(top1) if top1 else None
 
@@ -240,7 +252,7 @@ def evaluate(system, *, methods: list[MethodSpec], tasks: list[str], n: int, out
     ev = Evaluator(system, cache)
     pool = system.pool
     t0 = time.time()
-    held_out = len([t for t in tasks if t in HELD_OUT]) if with_best_single else 0
+    held_out = len([t for t in tasks if t in HELD_OUT or t in COMPOSED]) if with_best_single else 0
     steps = (len(methods) * len(tasks) + held_out) * len(shifts)
     report = {"config": {"n": n, "tasks": tasks, "methods": [m.label for m in methods], "eval_seed": EVAL_SEED,
                          "shifts": list(shifts), "experts": [c.name for c in pool.list()]}, "shifts": {}}

@@ -10,7 +10,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from moerge.tasks import HELD_IN, HELD_OUT  # noqa: E402
+from moerge.tasks import COMPOSED, HELD_IN, HELD_OUT  # noqa: E402
 
 
 def _fmt(v, pct=True) -> str:
@@ -74,6 +74,24 @@ def aims(report: dict) -> list[str]:
             out.append(f"- {lab}: OOD abstain {_fmt(ab)} with held-in top-1 {_fmt(top1)} "
                        f"(aim ≥ 90 with ≥ 95: {'met' if ok else 'missed'})")
     return out
+
+
+def composed_table(report: dict, shift: str | None = None) -> str:
+    """Each method's mean over the composed tasks (two skills in sequence) against the best single
+    expert's, and how often `chain` built a chain."""
+    tasks = [t for t in report["config"]["tasks"] if t in COMPOSED]
+    methods = _methods(report, shift)
+    if not tasks:
+        return ""
+    best = methods.get("best-single", {}).get("composed")
+    lines = ["| method | composed (mean) | vs best single expert | " + " | ".join(tasks) + " |",
+             "|---|---|---|" + "---|" * len(tasks)]
+    for label, r in methods.items():
+        mean = r.get("composed")
+        vs = f"{100 * (mean - best):+.1f}" if mean is not None and best is not None else "–"
+        cells = [_fmt(r["tasks"].get(t, {}).get("accuracy")) for t in tasks]
+        lines.append(f"| {label} | {_fmt(mean)} | {vs} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def per_task_table(report: dict, shift: str | None = None) -> str:
@@ -205,6 +223,9 @@ def write_report(report: dict, out: Path) -> None:
             md += [f"\n## Best single expert per held-out task{title}\n", "| task | expert | accuracy |",
                    "|---|---|---|"]
             md += [f"| {t} | {v['expert']} | {_fmt(v['accuracy'])} |" for t, v in bs.items()]
+        composed = composed_table(report, shift)
+        if composed:
+            md += [f"\n## Composed tasks{title}\n", composed]
     md += ["\n## Plots\n"] + [f"![{p.stem}]({p.name})" for p in plots if p is not None]
     (out / "report.md").write_text("\n".join(md) + "\n")
 

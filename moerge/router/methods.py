@@ -3,6 +3,7 @@
 from moerge.router.arrow import ArrowRouter
 from moerge.router.base import Router
 from moerge.router.base_method import BaseRouter
+from moerge.router.chain import ChainRouter
 from moerge.router.embed import EmbedRouter
 from moerge.router.feedback import FeedbackRouter
 from moerge.router.glider import GliderRouter
@@ -18,3 +19,4 @@ METHODS: dict[str, type[Router]] = {cls.name: cls for cls in (
     ArrowRouter, PhatgooseRouter, GliderRouter, MergeLinearRouter, MergeTiesRouter, MergeCatRouter,
     FeedbackRouter, MoeRouter,
 )}
+METHODS[ChainRouter.name] = ChainRouter     # wraps a sequence router: one step per skill asked for

@@ -10,6 +10,8 @@ from moerge.experts.errors import ExpertError, UnknownExpertError
 from moerge.models.generation import Generation, SamplingParams
 from moerge.plan import ExecutionPlan
 from moerge.router.base import ExpertScore, RoutingDecision, make_router, method_names, query_text
+from moerge.router.chain import is_chain
+from moerge.service import chain as chain_run
 from moerge.startup import System
 
 
@@ -101,7 +103,8 @@ class Runtime:
         for attempt in range(3):
             d = self.decide(model, messages)
             try:
-                return RequestPlan(d, self.system.plan(d))
+                # a chain's plan is its last step's; the steps before it run first (service/chain.py)
+                return RequestPlan(d, chain_run.last_step_plan(self.system, d) if is_chain(d) else self.system.plan(d))
             except UnknownExpertError:
                 if not routed or attempt == 2:
                     raise
@@ -111,11 +114,17 @@ class Runtime:
         raise AssertionError("unreachable")
 
     def generate(self, messages: list[dict], params: SamplingParams, rp: RequestPlan) -> Generation:
+        if is_chain(rp.decision):
+            messages = chain_run.run_before_last(self.system, messages, params, rp.decision)
         gen, rp.execution = self.system.generate(messages, params, rp.execution)
         rp.layer_usage = gen.layer_usage
+        if is_chain(rp.decision):
+            chain_run.record_last(rp.decision, gen.text, rp.execution)
         return gen
 
     def stream(self, messages: list[dict], params: SamplingParams, rp: RequestPlan):
+        if is_chain(rp.decision):      # the steps before the last run first; the last one streams
+            messages = chain_run.run_before_last(self.system, messages, params, rp.decision)
         it, rp.execution = self.system.stream(messages, params, rp.execution)
         for delta in it:
             if delta.layer_usage:
@@ -123,15 +132,27 @@ class Runtime:
             yield delta
 
     async def agenerate(self, messages: list[dict], params: SamplingParams, rp: RequestPlan) -> Generation:
+        if is_chain(rp.decision):
+            messages = await chain_run.arun_before_last(self.system, messages, params, rp.decision)
         gen, rp.execution = await self.system.agenerate(messages, params, rp.execution)
         rp.layer_usage = gen.layer_usage
+        if is_chain(rp.decision):
+            chain_run.record_last(rp.decision, gen.text, rp.execution)
         return gen
 
     async def astream(self, messages: list[dict], params: SamplingParams, rp: RequestPlan):
-        """Deltas; closing this generator closes the engine's stream (vLLM aborts the request)."""
+        """Deltas; closing this generator closes the engine's stream (vLLM aborts the request). A chain
+        runs its steps before the last one first (no deltas meanwhile), then streams the last step."""
+        if is_chain(rp.decision):
+            messages = await chain_run.arun_before_last(self.system, messages, params, rp.decision)
         it, rp.execution = await self.system.astream(messages, params, rp.execution)
+        text = []
         async with aclosing(it):
             async for delta in it:
                 if delta.layer_usage:
                     rp.layer_usage = delta.layer_usage
+                if is_chain(rp.decision):     # the last step's answer joins the explanation of the last chunk
+                    text.append(delta.text or "")
+                    if delta.finish_reason:
+                        chain_run.record_last(rp.decision, "".join(text), rp.execution)
                 yield delta

@@ -4,9 +4,10 @@ a sample's record is its last step's, with the tokens and time of every step add
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from moerge.router.chain import is_chain, record_step, step_decision, step_prompt
+from moerge.router.chain import is_chain, record_step, settle, step_decision, step_prompt
 
 # an intermediate answer may be longer than the task's final one (a sum before it is spelled out is not,
 # a reversed sentence before upper-casing is as long): the step budget is at least this many tokens
@@ -18,9 +19,10 @@ class StepPrompt:
     prompt: str
 
 
-def generate_with_chains(evaluator, samples, decisions, max_tokens: list[int]) -> list[dict]:
-    """`evaluator.generate`, except that a chain decision runs its steps in order; its record adds
-    `chain` (each step's expert, prompt and answer)."""
+def generate_with_chains(evaluator, samples, decisions, max_tokens: list[int], router=None) -> list[dict]:
+    """`evaluator.generate`, except that a chain decision runs its steps in order, each step after the
+    first routed again by `router` (the ChainRouter) on its real input; its record adds `chain` (each
+    step's expert, prompt and answer)."""
     plain = [i for i, d in enumerate(decisions) if not is_chain(d)]
     out: list[dict | None] = [None] * len(samples)
     if plain:
@@ -35,6 +37,9 @@ def generate_with_chains(evaluator, samples, decisions, max_tokens: list[int]) -
         rows = [i for i in chained if k < len(decisions[i].detail["chain"])]
         steps = [decisions[i].detail["chain"][k] for i in rows]
         prompts = [step_prompt(st, answers[i]) for i, st in zip(rows, steps)]
+        if k > 0 and router is not None:     # the instruction writer's generations share the engine's batches
+            with ThreadPoolExecutor(16) as pool:
+                list(pool.map(lambda sp: router.route_step(*sp), zip(steps, prompts)))
         last = [k == len(decisions[i].detail["chain"]) - 1 for i in rows]
         budget = [max_tokens[i] if fin else max(max_tokens[i], MIN_STEP_TOKENS) for i, fin in zip(rows, last)]
         recs = evaluator.generate([StepPrompt(p) for p in prompts], [step_decision(st) for st in steps], budget)
@@ -45,7 +50,9 @@ def generate_with_chains(evaluator, samples, decisions, max_tokens: list[int]) -
             totals[i]["seconds"] += r["seconds"]
             totals[i]["engines"].add(r.get("engine", "reference"))
             if fin:
+                settle(decisions[i])
                 out[i] = {**r, "tokens": totals[i]["tokens"], "seconds": totals[i]["seconds"],
-                          "chain": [{"expert": s["expert"], "prompt": s["prompt"], "answer": s["answer"]}
+                          "chain": [{"expert": s["expert"], "score": s["score"], "prompt": s["prompt"],
+                                     "answer": s["answer"]}
                                     for s in decisions[i].detail["chain"]]}
     return out  # type: ignore[return-value]

@@ -124,7 +124,8 @@ class Evaluator:
             rows.append((task, samples, decisions, max_tokens_for(task, self.tok, samples)))
         # a `chain` decision runs its steps in order (eval/chain.py); every other decision is one generation
         recs_all = generate_with_chains(self, [s for _, ss, _, _ in rows for s in ss],
-                                        [d for _, _, ds, _ in rows for d in ds], [m for _, ss, _, m in rows for _ in ss])
+                                        [d for _, _, ds, _ in rows for d in ds], [m for _, ss, _, m in rows for _ in ss],
+                                        router)
         start = 0
         for task, samples, decisions, _ in rows:
             recs = recs_all[start:start + len(samples)]

@@ -13,7 +13,9 @@ that does not split into two steps is routed exactly as the wrapped router route
 
 The decision's `detail["chain"]` is the plan and the explanation: each step's text, expert (None:
 the base model), score, and once run, the prompt it got and its answer. Executing it is the caller's
-(service/chain.py, eval/chain.py): `step_decision` and `step_prompt` say what each step runs.
+(service/chain.py, eval/chain.py): `step_prompt` builds a step's input, `route_step` routes a step
+after the first again on that input (the expert chosen up front stays as `planned`), and
+`step_decision` says what the step runs.
 """
 
 from __future__ import annotations
@@ -59,10 +61,32 @@ class ChainRouter(Router):
         decision.latency_ms = (time.perf_counter() - t0) * 1000
         return decision
 
-    def _route_piece(self, text: str) -> tuple[str | None, float, str | None]:
+    def route_step(self, step: dict, prompt: str) -> None:
+        """Route step k > 1 again once its real input exists (its instruction and step k-1's answer):
+        an expert's score is the mean of its score for the instruction alone (when the request was
+        routed) and for the real input, under the wrapped router's abstain threshold. The input says
+        what the data is ("write out in letters: 1573" is a number to spell), the instruction says what
+        to do with it ("write in upper case: Copenhagen" is not a question about capitals). The expert
+        chosen up front stays in the explanation as `planned`."""
+        d = self.base.route(prompt)
+        by_input = {e.name: e.score for e in d.experts}
+        by_text = step.pop("scores", None) or {}
+        names = set(by_input) | set(by_text)
+        if not names:
+            return
+        both = {n: 0.5 * (by_text.get(n, 0.0) + by_input.get(n, 0.0)) for n in names}
+        best = max(sorted(names), key=lambda n: both[n])
+        thr = self.base.threshold
+        step["planned"] = {"expert": step["expert"], "score": step["score"]}
+        step["expert"] = None if thr is not None and both[best] < thr else best
+        step["score"], step["routed_on"] = round(both[best], 6), "instruction and input"
+
+    def _route_piece(self, text: str) -> tuple[str | None, float, dict[str, float]]:
+        """(expert or None, top score, every expert's score)."""
         d = self.base.route(text)
         top = d.experts[0].score if d.experts else 0.0
-        return (None if d.abstained or not d.chosen else d.chosen[0]), float(top), d.instruction
+        return (None if d.abstained or not d.chosen else d.chosen[0]), float(top), \
+            {e.name: round(float(e.score), 6) for e in d.experts}
 
     def decompose(self, query: str) -> tuple[list[dict] | None, Parts]:
         """The steps (dicts, in order) or None when the request is one step."""
@@ -71,7 +95,7 @@ class ChainRouter(Router):
         if len(segs) < 2:
             return None, parts
         # data-only pieces ("367.") are not routed; later pieces are routed on their neutral form
-        routed = [self._route_piece(s.text if k == 0 else neutral(s.text)) if is_instruction(s.text) else (None, 0.0, None)
+        routed = [self._route_piece(s.text if k == 0 else neutral(s.text)) if is_instruction(s.text) else (None, 0.0, {})
                   for k, s in enumerate(segs)]
         last_expert = routed[-1][0]
         if parts.payload is None and last_expert is None and not refers_back(segs[-1].text):
@@ -96,7 +120,7 @@ class ChainRouter(Router):
                 continue
             start = pending if pending is not None else seg.start
             pending = None
-            groups.append({"start": start, "end": seg.end, "expert": expert, "score": score})
+            groups.append({"start": start, "end": seg.end, "expert": expert, "score": score, "scores": routed[k][2]})
         if len(groups) < 2 or not any(g["expert"] for g in groups) or len(groups) > self.max_steps:
             return None, parts
         steps = []
@@ -105,7 +129,8 @@ class ChainRouter(Router):
                 parts.instruction[g["start"]:g["end"]].strip().rstrip(",;")
             steps.append({"step": i + 1, "text": text, "expert": g["expert"], "score": round(g["score"], 6),
                           "input": "request" if i == 0 else ("refers back" if refers_back(text) else "appended"),
-                          "prompt": first_prompt(text, parts) if i == 0 else None, "answer": None})
+                          "prompt": first_prompt(text, parts) if i == 0 else None, "answer": None,
+                          **({"scores": g["scores"]} if i > 0 else {})})
         return steps, parts
 
 
@@ -133,6 +158,13 @@ def step_prompt(step: dict, previous_answer: str | None) -> str:
     if step["step"] == 1 or previous_answer is None:
         return step["prompt"]
     return carry(step["text"], previous_answer)
+
+
+def settle(decision: RoutingDecision) -> None:
+    """After a chain ran: `chosen` and `experts` name the experts its steps really used, in order."""
+    steps = decision.detail["chain"]
+    decision.chosen = [s["expert"] for s in steps if s["expert"]]
+    decision.experts = [ExpertScore(s["expert"] or "(base)", s["score"]) for s in steps]
 
 
 def record_step(step: dict, prompt: str, answer: str, plan_info: dict | None = None) -> None:

@@ -12,10 +12,9 @@ Pure text, no model: `chain` (router/chain.py) routes the pieces and decides whi
   two sides ask for different skills.
 - **Routing a later step.** On its text with the reference to the previous answer made neutral
   (`neutral`): "express the total in words" is routed as "express this in words".
-- **Carrying an answer.** Step k > 1 takes step k-1's answer as its data: a phrase that refers back
-  to it ("the result", "the sum", "that number", "it", "them", ...) is replaced by the answer (quoted
-  when it is text of several words), or, when the step has no such phrase, the answer follows the
-  instruction after a colon, the form experts are trained on ("Convert to upper case: ...").
+- **Carrying an answer.** Step k > 1 takes step k-1's answer as its data: the phrase that refers back
+  to it ("the result", "the sum", "that number", "it", "of them", ...) leaves the instruction, and the
+  answer follows it after a colon, the form experts are trained on ("write in upper case: Lisbon").
 """
 
 from __future__ import annotations
@@ -134,20 +133,20 @@ def neutral(text: str) -> str:
     return text
 
 
-def _as_data(answer: str) -> str:
-    answer = " ".join(answer.split()).rstrip(".")
-    text_like = len(answer.split()) > 1 and re.search(r"[A-Za-z]", answer) and '"' not in answer
-    return f"\"{answer}\"" if text_like else answer
-
-
 def carry(step_text: str, answer: str) -> str:
-    """Step k's prompt from its instruction and step k-1's answer."""
+    """Step k's prompt from its instruction and step k-1's answer: the instruction without its reference
+    to the answer (and that reference's preposition), then a colon and the answer, the form the experts
+    are trained on ("Convert to upper case: {s}"); an answer written into the sentence ("write Copenhagen
+    in upper case") is often taken by an expert as part of the text to transform."""
     masked = _masked(step_text)
     for p in _BACK_REFS:
         m = p.search(masked)
         if m:
-            return step_text[:m.start()] + _as_data(answer) + step_text[m.end():]
-    return f"{step_text.rstrip(' .:')}: {' '.join(answer.split())}"
+            head = re.sub(r"\s+(?:of|on|to|for|from|in|into)\s*$", "", step_text[:m.start()], flags=re.IGNORECASE)
+            step_text = f"{head} {step_text[m.end():].lstrip()}"
+            break
+    instruction = " ".join(step_text.split()).rstrip(" .:,;")
+    return f"{instruction}: {' '.join(answer.split())}"
 
 
 def first_prompt(step_text: str, parts: Parts) -> str:

@@ -1,14 +1,17 @@
 """Serving a `chain` decision (router/chain.py): every step but the last runs here, in order, each on its
-own plan (its expert, or the base model), greedily; the last step is then the request's ordinary
-generation, so it streams like any other answer. Each step's prompt and answer are written into the
-decision's `detail["chain"]`, the routing explanation the client gets."""
+own plan (its expert, or the base model), greedily; each step after the first is routed again on its
+real input first. The last step is then the request's ordinary generation, on the plan
+`last_step_plan` gives, so it streams like any other answer. Each step's prompt and answer are
+written into the decision's `detail["chain"]`, the routing explanation the client gets."""
 
 from __future__ import annotations
+
+import asyncio
 
 from moerge.models.generation import SamplingParams
 from moerge.plan import ExecutionPlan
 from moerge.router.base import RoutingDecision
-from moerge.router.chain import record_step, step_decision, step_prompt
+from moerge.router.chain import record_step, settle, step_decision, step_prompt
 
 
 def last_step_plan(system, decision: RoutingDecision) -> ExecutionPlan:
@@ -26,37 +29,46 @@ def _intermediate_params(params: SamplingParams) -> SamplingParams:
     return SamplingParams(max_tokens=params.max_tokens, temperature=0.0)
 
 
-async def arun_before_last(system, messages: list[dict], params: SamplingParams, decision: RoutingDecision
-                           ) -> list[dict]:
-    """Run every step but the last; the last step's messages."""
+async def arun_before_last(system, router, messages: list[dict], params: SamplingParams,
+                           decision: RoutingDecision) -> list[dict]:
+    """Run every step but the last; the last step's messages (its expert is `last_step_plan`'s)."""
     steps = decision.detail["chain"]
     answer = None
-    for step in steps[:-1]:
+    for k, step in enumerate(steps):
         prompt = step_prompt(step, answer)
-        plan = system.plan(step_decision(step))
-        gen, plan = await system.agenerate(step_messages(messages, prompt), _intermediate_params(params), plan)
+        if k > 0:
+            await asyncio.to_thread(router.route_step, step, prompt)
+        if k == len(steps) - 1:
+            step["prompt"] = prompt
+            break
+        gen, plan = await system.agenerate(step_messages(messages, prompt), _intermediate_params(params),
+                                           system.plan(step_decision(step)))
         answer = gen.text.strip()
         record_step(step, prompt, answer, plan.info())
         step["completion_tokens"] = gen.completion_tokens
-    last = steps[-1]
-    last["prompt"] = step_prompt(last, answer)
-    return step_messages(messages, last["prompt"])
+    settle(decision)
+    return step_messages(messages, steps[-1]["prompt"])
 
 
-def run_before_last(system, messages: list[dict], params: SamplingParams, decision: RoutingDecision) -> list[dict]:
+def run_before_last(system, router, messages: list[dict], params: SamplingParams,
+                    decision: RoutingDecision) -> list[dict]:
     """`arun_before_last`, for the synchronous path."""
     steps = decision.detail["chain"]
     answer = None
-    for step in steps[:-1]:
+    for k, step in enumerate(steps):
         prompt = step_prompt(step, answer)
+        if k > 0:
+            router.route_step(step, prompt)
+        if k == len(steps) - 1:
+            step["prompt"] = prompt
+            break
         gen, plan = system.generate(step_messages(messages, prompt), _intermediate_params(params),
                                     system.plan(step_decision(step)))
         answer = gen.text.strip()
         record_step(step, prompt, answer, plan.info())
         step["completion_tokens"] = gen.completion_tokens
-    last = steps[-1]
-    last["prompt"] = step_prompt(last, answer)
-    return step_messages(messages, last["prompt"])
+    settle(decision)
+    return step_messages(messages, steps[-1]["prompt"])
 
 
 def record_last(decision: RoutingDecision, text: str, plan: ExecutionPlan) -> None:

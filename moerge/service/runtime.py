@@ -115,7 +115,8 @@ class Runtime:
 
     def generate(self, messages: list[dict], params: SamplingParams, rp: RequestPlan) -> Generation:
         if is_chain(rp.decision):
-            messages = chain_run.run_before_last(self.system, messages, params, rp.decision)
+            messages = chain_run.run_before_last(self.system, self.router(rp.method), messages, params, rp.decision)
+            rp.execution = chain_run.last_step_plan(self.system, rp.decision)
         gen, rp.execution = self.system.generate(messages, params, rp.execution)
         rp.layer_usage = gen.layer_usage
         if is_chain(rp.decision):
@@ -124,7 +125,8 @@ class Runtime:
 
     def stream(self, messages: list[dict], params: SamplingParams, rp: RequestPlan):
         if is_chain(rp.decision):      # the steps before the last run first; the last one streams
-            messages = chain_run.run_before_last(self.system, messages, params, rp.decision)
+            messages = chain_run.run_before_last(self.system, self.router(rp.method), messages, params, rp.decision)
+            rp.execution = chain_run.last_step_plan(self.system, rp.decision)
         it, rp.execution = self.system.stream(messages, params, rp.execution)
         for delta in it:
             if delta.layer_usage:
@@ -133,7 +135,8 @@ class Runtime:
 
     async def agenerate(self, messages: list[dict], params: SamplingParams, rp: RequestPlan) -> Generation:
         if is_chain(rp.decision):
-            messages = await chain_run.arun_before_last(self.system, messages, params, rp.decision)
+            messages = await chain_run.arun_before_last(self.system, self.router(rp.method), messages, params, rp.decision)
+            rp.execution = chain_run.last_step_plan(self.system, rp.decision)
         gen, rp.execution = await self.system.agenerate(messages, params, rp.execution)
         rp.layer_usage = gen.layer_usage
         if is_chain(rp.decision):
@@ -144,7 +147,8 @@ class Runtime:
         """Deltas; closing this generator closes the engine's stream (vLLM aborts the request). A chain
         runs its steps before the last one first (no deltas meanwhile), then streams the last step."""
         if is_chain(rp.decision):
-            messages = await chain_run.arun_before_last(self.system, messages, params, rp.decision)
+            messages = await chain_run.arun_before_last(self.system, self.router(rp.method), messages, params, rp.decision)
+            rp.execution = chain_run.last_step_plan(self.system, rp.decision)
         it, rp.execution = await self.system.astream(messages, params, rp.execution)
         text = []
         async with aclosing(it):

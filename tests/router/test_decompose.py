@@ -47,12 +47,13 @@ def test_payload_after_a_colon_or_before_a_blank_line_is_set_apart():
 
 
 @pytest.mark.parametrize("step, answer, prompt", [
-    ("write the result in words", "555", "write 555 in words"),
-    ("spell that number out", "12", "spell 12 out"),
-    ("put it in capital letters", "sat cat the", 'put "sat cat the" in capital letters'),
+    ("write the result in words", "555", "write in words: 555"),
+    ("spell that number out", "12", "spell out: 12"),
+    ("put it in capital letters.", "sat cat the", "put in capital letters: sat cat the"),
+    ("make every letter of it uppercase", "Oslo", "make every letter uppercase: Oslo"),
     ("make every letter uppercase", "Paris", "make every letter uppercase: Paris"),
-    ("now sort them from low to high", "9, 2, 5", "now sort 9, 2, 5 from low to high"),
-    ("give the resulting list backwards", "a b.", 'give "a b" backwards'),
+    ("now sort them from low to high", "9, 2, 5", "now sort from low to high: 9, 2, 5"),
+    ("give the resulting list  backwards", "a b.", "give backwards: a b."),
 ])
 def test_an_answer_is_carried_into_the_next_step(step, answer, prompt):
     assert carry(step, answer) == prompt

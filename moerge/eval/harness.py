@@ -43,9 +43,9 @@ class MethodSpec:
 def default_methods(quick: bool = False, alphas=(1.0, 3.0, 10.0, 30.0, 100.0)) -> list[MethodSpec]:
     specs = [MethodSpec(m, m) for m in ("base", "oracle", "merge-linear", "merge-ties", "merge-cat", "retrieval",
                                         "embed", "glider-global", "arrow", "phatgoose", "glider")]
-    # glider-global per step when a request asks for skills in sequence (router/chain.py), else glider-global
-    specs.append(MethodSpec("chain", "chain"))
     if not quick:
+        # glider-global per step when a request asks for skills in sequence (router/chain.py), else glider-global
+        specs.append(MethodSpec("chain", "chain"))
         # learns from feedback stored in the pool; a fresh evaluation pool has none, so this is its cold
         # start (= glider-global). `moerge eval --feedback-curve` streams feedback first (eval/feedback.py)
         specs.append(MethodSpec("feedback", "feedback", {"explore": False}))

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 # a boundary that says "and after that": strong evidence of a sequence
 _STRONG = (r"(?:,\s*|;\s*|\s+)(?:and\s+)?then\b,?\s*"
            r"|(?:[,;]\s*|\s+and\s+|\s+)(?:after\s+that|afterwards|subsequently)\b,?\s*"
-           r"|(?:[,;]\s*|\s+and\s+)(?:next|finally|lastly)\b,?\s*"
+           r"|(?:[,;]\s*|\s+and\s+|(?<=[.?!])\s+)(?:next|finally|lastly)\b,?\s*"
            r"|,?\s+followed\s+by\s+")
 # a boundary that may join two instructions or two parts of one ("add 3 and 4"): kept only when
 # the router finds a different skill on each side

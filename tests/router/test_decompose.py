@@ -23,9 +23,15 @@ def _texts(query: str) -> list[str]:
      ["convert 2020-01-05 to US format", "spell the month out."]),
     ("subtract 5 from 9 then multiply the difference by 3", ["subtract 5 from 9", "multiply the difference by 3"]),
     ("Firstly sum 2 and 3, afterwards halve the total", ["sum 2", "3", "halve the total"]),
+    ("Sort 5, 2, 9. Next, take the first number.", ["Sort 5, 2, 9.", "take the first number."]),
 ])
 def test_segments_cut_at_sequencing_connectives(query, pieces):
     assert _texts(query) == pieces
+
+
+def test_a_sentence_that_starts_with_a_sequencing_word_is_a_strong_cut():
+    assert [s.boundary for s in segments("Sort 5, 2, 9. Next, take the first number.")] == ["", "strong"]
+    assert [s.boundary for s in segments("Sort 5, 2, 9. Take the first number.")] == ["", "weak"]
 
 
 def test_nothing_inside_quotes_or_a_number_or_an_abbreviation_is_cut():

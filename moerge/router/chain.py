@@ -102,7 +102,7 @@ class ChainRouter(Router):
             # trailing data set apart by a sentence end: the first step's input
             parts = Parts(parts.instruction[:segs[-1].start].rstrip(), segs[-1].text, "sentence")
             segs, routed = segs[:-1], routed[:-1]
-        groups: list[dict] = []          # {"start", "end", "expert", "score", "base_step"}
+        groups: list[dict] = []          # {"start", "end", "expert" (None: base), "score", "scores"}
         pending = None                   # an abstained piece before any step: joins the next
         for k, (seg, (expert, score, _)) in enumerate(zip(segs, routed)):
             is_last = k == len(segs) - 1

@@ -69,7 +69,7 @@ def test_a_composed_request_is_answered_by_a_two_step_chain_that_beats_each_expe
             text = _chat(url, e, prompt)["choices"][0]["message"]["content"]
             single_right[e] = single_right.get(e, 0) + get_task(task).score(text, expected)
     # the experts are small (a 135M base, rank-4 adapters): a chain is as good as its weaker step, and the
-    # composed evaluation measures 29% / 16% (template / content); here at least half, and above either expert
+    # composed evaluation measures 31% / 18% (template / content); here at least half, and above either expert
     assert chain_right >= 2 and chain_right > max(single_right.values()), (chain_right, single_right, got)
 
 

@@ -1,0 +1,26 @@
+"""report.md's composed-task table: each method's mean over the composed tasks against the best single
+expert's (eval/report.py), from a report.json as the harness writes it."""
+
+from __future__ import annotations
+
+from moerge.eval.harness import _summarise
+from moerge.eval.report import composed_table
+
+
+def _method(accs: dict[str, float]) -> dict:
+    res = {"tasks": {t: {"accuracy": a} for t, a in accs.items()}}
+    _summarise(res, list(accs))
+    return res
+
+
+def test_composed_table_compares_each_method_with_the_best_single_expert():
+    tasks = ["uppercase", "reverse_then_upper", "add_then_words"]
+    chain = _method({"uppercase": 0.9, "reverse_then_upper": 0.5, "add_then_words": 0.3})
+    best = _method({"reverse_then_upper": 0.1, "add_then_words": 0.0})
+    assert abs(chain["composed"] - 0.4) < 1e-9 and chain["held_in"] == 0.9 and chain["held_out"] is None
+    report = {"config": {"tasks": tasks}, "methods": {"chain": chain, "best-single": best}}
+    rows = composed_table(report).splitlines()
+    assert rows[0].startswith("| method | composed (mean) | vs best single expert | reverse_then_upper | add_then_words |")
+    assert rows[2] == "| chain | 40.0 | +35.0 | 50.0 | 30.0 |"
+    assert rows[3] == "| best-single | 5.0 | +0.0 | 10.0 | 0.0 |"
+    assert composed_table({"config": {"tasks": ["uppercase"]}, "methods": {"chain": chain}}) == ""

@@ -216,6 +216,25 @@ def experts_train_gate(
     console.print(f"trained gate of {card.name} ({steps} steps)")
 
 
+@experts_app.command("train-joint")
+@_guard
+def experts_train_joint(
+    per_recipe: int = typer.Option(16, "--per-recipe", help="training samples per task and recipe (template, "
+                                   "content), besides each card's examples"),
+    steps: int = typer.Option(200, "--steps", help="optimiser steps per module"),
+    force: bool = typer.Option(False, "--force", help="retrain even when the current set matches the pool"),
+) -> None:
+    """Train the pool's joint gate set (the `joint` router): one classifier over all LoRA experts per layer input."""
+    from moerge.assets import ensure_base_model
+    from moerge.experts.joint_gates import ensure_joint
+    s = get_settings()
+    base = ensure_base_model(s)
+    jg = ensure_joint(_pool(), base, s.home / "joint-gates", force=force, per_recipe=per_recipe, steps=steps,
+                      progress=lambda m: err.print(m, highlight=False))
+    console.print(f"joint gate set {jg.version[:16]}: {len(jg.experts)} experts, {len(jg.gates)} modules, "
+                  f"dev {jg.meta.get('dev')}")
+
+
 @experts_app.command("build-esft")
 @_guard
 def experts_build_esft(
@@ -423,7 +442,7 @@ def eval_cmd(
     if dtype not in ("bfloat16", "float32"):
         fail(f"--dtype must be bfloat16 or float32, not {dtype!r}")
     system, namespace = prepare(get_settings(), engine=engine, dtype=dtype, progress=lambda m: err.print(m),
-                                moe=any(s.method == "moe" for s in specs))
+                                moe=any(s.method == "moe" for s in specs), joint=any(s.method == "joint" for s in specs))
     try:
         report = evaluate(system, methods=specs, tasks=task_list, n=n, out=out,
                           cache_path=out / "generations.sqlite", namespace=namespace, with_best_single=not quick,

@@ -67,8 +67,9 @@ class ExecutionPlan:
 
     - base: nothing;
     - adapter: experts[0] with weight 1;
-    - token_mixture: experts, gate_set ("arrow" | "gate"), gate_mode ("arrow" | "phatgoose"),
-      bias (one per expert, added to the gate logits), top_k, temperature;
+    - token_mixture: experts, gate_set ("arrow" | "gate"), gate_mode ("arrow" | "phatgoose" | "pooled"),
+      bias (one per expert, added to the gate logits), module_bias (per module, the same), top_k,
+      temperature; "pooled" gates by the module bias alone (no gate vectors: `joint`);
     - static_mixture: experts with fixed weights (linear and cat merges);
     - dense_delta: experts merged densely by `merge` (TIES);
     - remote: a whole model behind LiteLLM;
@@ -86,6 +87,9 @@ class ExecutionPlan:
     temperature: float = 1.0
     merge: str = ""
     remote: RemoteTarget | None = None
+    # token_mixture: per module key ("3.attn", moerge.experts.joint_gates.module_key) a bias per expert,
+    # added to that module's gate logits for every token; gate_mode "pooled" has no per-token term
+    module_bias: tuple[tuple[str, tuple[float, ...]], ...] = ()
     engine: str = ""                 # "vllm" | "reference" | "remote"
     fallback: str = ""               # why `engine` is not the preferred one ("" when it is)
 
@@ -99,6 +103,7 @@ class ExecutionPlan:
         body.pop("engine"), body.pop("fallback")
         body["experts"] = [e.key for e in self.experts]
         body["bias"] = [round(b, 5) for b in self.bias]
+        body["module_bias"] = [[k, [round(b, 5) for b in v]] for k, v in self.module_bias]
         return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:24]
 
     def info(self) -> dict:
@@ -200,14 +205,20 @@ def _lora_plan(decision: RoutingDecision, pool) -> ExecutionPlan:
         g = d.gating or {}
         gate_set = g.get("gate_set", "")
         refs = _refs(pool, d.chosen)
-        lacking = [r.name for r in refs if r.gate_path(gate_set) is None]
+        pooled = g.get("mode") == "pooled"
+        lacking = [] if pooled else [r.name for r in refs if r.gate_path(gate_set) is None]
+        if pooled and not d.module_bias:
+            raise PlanError("a pooled token plan needs a per-module bias (the `joint` router makes one)")
         if lacking:
             raise PlanError(f"gate set {gate_set!r} does not match the pool: expert(s) {lacking} have no "
                             f"{gate_set!r} vectors (train them with `moerge experts train-gate`, or route "
                             "with a method whose gates they have)")
         bias = tuple(float(d.bias.get(r.name, 0.0)) for r in refs) if d.bias else tuple(0.0 for _ in refs)
+        module_bias = tuple((k, tuple(float(per.get(r.name, float("-inf"))) for r in refs))
+                            for k, per in sorted(d.module_bias.items()))
         return ExecutionPlan("token_mixture", refs, gate_set=gate_set, gate_mode=g.get("mode", ""), bias=bias,
-                             top_k=int(g.get("top_k", 2)), temperature=float(g.get("temperature", 1.0)))
+                             top_k=int(g.get("top_k", 2)), temperature=float(g.get("temperature", 1.0)),
+                             module_bias=module_bias)
     raise PlanError(f"routing decision of unknown granularity {d.granularity!r}")
 
 

@@ -51,6 +51,8 @@ def default_methods(quick: bool = False, alphas=(1.0, 3.0, 10.0, 30.0, 100.0)) -
         specs.append(MethodSpec("feedback", "feedback", {"explore": False}))
         # the MoE base upcycled from the library, answering with its own router (eval/run.py builds it)
         specs.append(MethodSpec("moe", "moe"))
+        # jointly trained gates, the request pooled per layer (eval/run.py trains the set, or reuses it)
+        specs.append(MethodSpec("joint", "joint"))
         specs += [MethodSpec(f"glider α={a:g}", "glider", {"alpha": a}) for a in alphas]
     return specs
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 
 def prepare(settings, pool_dir: Path | None = None, engine: str = "auto", dtype: str = "bfloat16",
-            progress=lambda m: None, moe: bool = False):
+            progress=lambda m: None, moe: bool = False, joint: bool = False):
     """(system, namespace). engine "auto": vLLM on every core (the harness waits while it generates)
     with the reference engine for TIES; "reference": the reference engine only. In fp32, vLLM's
     greedy tokens equal the reference engine's (tests/executors/test_vllm.py); bf16, the default,
@@ -28,6 +28,9 @@ def prepare(settings, pool_dir: Path | None = None, engine: str = "auto", dtype:
         from moerge.startup import attach_moe
         build_moe(system.pool, system.assets.base_model, progress=progress)
         attach_moe(system, opts)
+    if joint:     # the `joint` router: a joint gate set for this pool's experts (cached across evaluations)
+        from moerge.experts.joint_gates import ensure_joint
+        ensure_joint(system.pool, system.assets.base_model, settings.home / "joint-gates", progress=progress)
     if engine == "auto":
         for ex in system.local[:-1]:
             ex.wait_ready(900)

@@ -165,8 +165,10 @@ class RoutedEngine:
         if plan.kind in ("adapter", "static_mixture"):
             return RowPlan("fixed", ids=ids, weights=list(plan.weights))
         if plan.kind == "token_mixture":
+            pooled = plan.gate_mode == "pooled"
             return RowPlan("token", mode=plan.gate_mode, eligible=ids, bias=list(plan.bias), top_k=plan.top_k,
-                           temperature=plan.temperature, gates=self._gates(plan))
+                           temperature=plan.temperature, gates=None if pooled else self._gates(plan),
+                           module_bias={k: list(v) for k, v in plan.module_bias})
         raise PlanError(f"the reference engine does not run {plan.kind} plans")
 
     # -- generation ---------------------------------------------------------------------

@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from moerge.kernels.gating import route_tokens
+from moerge.experts.joint_gates import module_key
+from moerge.kernels.gating import route_tokens, topk_softmax
 from moerge.kernels.lora_mixture import (
     DENSE_MAX_TOTAL_RANK, coefficients, lora_mixture_dense, lora_mixture_grouped, stack_for_dense,
 )
@@ -23,9 +24,10 @@ class RowPlan:
     kind: str = "base"                       # "base" | "fixed" | "token" | "dense"
     ids: list[int] = field(default_factory=list)       # fixed: expert indices
     weights: list[float] = field(default_factory=list)  # fixed: their weights
-    mode: str = ""                           # token: "arrow" | "phatgoose"
+    mode: str = ""                           # token: "arrow" | "phatgoose" | "pooled"
     eligible: list[int] = field(default_factory=list)   # token: expert indices allowed
     bias: list[float] = field(default_factory=list)     # token: per eligible expert
+    module_bias: dict[str, list[float]] = field(default_factory=dict)  # token: module key -> per eligible expert
     top_k: int = 2
     temperature: float = 1.0
     gates: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None  # token: module -> (positions in eligible, [E_m, d_in])
@@ -49,16 +51,19 @@ class RoutedLoraLinear(torch.nn.Module):
         super().__init__()
         self.base = base
         self.name = name
+        self.key = module_key(name)
         self.layer = layer
         self.state = state
         self.a = torch.zeros(0, 0, base.in_features)    # [E, r, d_in]
         self.b = torch.zeros(0, base.out_features, 0)   # [E, d_out, r]
         self.scaling = torch.zeros(0)                   # [E]
+        self.present = torch.zeros(0, dtype=torch.bool)  # [E] the expert adapts this module
         self.dense, self.a_cat, self.b_cat = True, None, None
         self._merged, self._merged_src = None, None       # W + a dense update (TIES), while in use
 
     def set_experts(self, a: torch.Tensor, b: torch.Tensor, scaling: torch.Tensor) -> None:
         self.a, self.b, self.scaling = a, b, scaling
+        self.present = a.flatten(1).ne(0).any(1) if len(a) else torch.zeros(0, dtype=torch.bool)
         # few experts × small rank: two matmuls over the concatenated rank beat per-expert segments
         self.dense = a.shape[0] * a.shape[1] <= DENSE_MAX_TOTAL_RANK
         self.a_cat, self.b_cat = stack_for_dense(a, b, scaling) if self.dense and len(a) else (None, None)
@@ -99,6 +104,31 @@ class RoutedLoraLinear(torch.nn.Module):
             for j, i in enumerate(members):
                 rows[i].usage[self.layer] = rows[i].usage.get(self.layer, 0) + mass[j]
 
+    def _pooled_row(self, i: int, row: RowPlan, sl: slice, per_row: int, weights, ids) -> bool:
+        """A `pooled` row: this module's experts come from the row's module bias alone, the same for every
+        token of the row (experts that do not adapt the module are left out, as in the vLLM engine)."""
+        mb = row.module_bias.get(self.key)
+        if mb is None or not row.eligible:
+            return False
+        logits = torch.tensor(mb, dtype=torch.float32)
+        if row.bias:
+            logits = logits + torch.tensor(row.bias, dtype=torch.float32)
+        elig = torch.tensor(row.eligible)
+        logits = logits.masked_fill(~self.present[elig], float("-inf"))
+        if not bool(torch.isfinite(logits).any()):
+            return False
+        w, local = topk_softmax(logits.view(1, -1), row.top_k, None, row.temperature)
+        w = torch.nan_to_num(w, nan=0.0)
+        k = w.shape[1]
+        gid = elig[local[0]]
+        ids[sl, :k] = gid
+        weights[sl, :k] = w[0]
+        if self.state.record_usage:
+            count = per_row if self.state.counted is None else float(self.state.counted[i].sum())
+            mass = torch.zeros(len(self.scaling)).index_add_(0, gid, w[0] * count)
+            row.usage[self.layer] = row.usage.get(self.layer, 0) + mass
+        return True
+
     def _merged_forward(self, x: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
         """Every row has the same dense update: one matmul with W + d (cached while d is in use)."""
         if self._merged_src is not d:
@@ -134,6 +164,8 @@ class RoutedLoraLinear(torch.nn.Module):
                 ids[sl, :n] = torch.tensor(row.ids)
                 weights[sl, :n] = torch.tensor(row.weights)
                 any_lora = True
+            elif row.kind == "token" and row.mode == "pooled":
+                any_lora = self._pooled_row(i, row, sl, per_row, weights, ids) or any_lora
             elif row.kind == "token" and row.gates is not None and self.name in row.gates:
                 # rows that share gate vectors and settings are gated in one matmul (bias stays per row)
                 key = (id(row.gates[self.name][1]), row.mode, row.top_k, row.temperature, tuple(row.eligible))

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from moerge.executors.expert_weights import LoadedExpert, load_expert
+from moerge.experts.joint_gates import module_key
 from moerge.plan import ExpertRef
 
 PLAN_FILE = "moerge_plan.json"
@@ -37,9 +38,10 @@ class WorkerPlan:
     kind: str                                  # adapter | static_mixture | token_mixture
     experts: list[ExpertRef]
     weights: list[float] = field(default_factory=list)
-    mode: str = ""                             # token_mixture: arrow | phatgoose
+    mode: str = ""                             # token_mixture: arrow | phatgoose | pooled
     gate_set: str = ""
     bias: list[float] = field(default_factory=list)
+    module_bias: dict[str, list[float]] = field(default_factory=dict)   # module key -> per plan expert
     top_k: int = 2
     temperature: float = 1.0
     usage: dict[int, torch.Tensor] = field(default_factory=dict)   # layer -> [E_plan] routing mass
@@ -49,7 +51,8 @@ class WorkerPlan:
         refs = [ExpertRef(e["name"], e["version"], e["adapter_dir"], int(e["rank"]),
                           tuple((g[0], g[1]) for g in e.get("gates", []))) for e in body["experts"]]
         return cls(lora_id, body["kind"], refs, list(body.get("weights", [])), body.get("gate_mode", ""),
-                   body.get("gate_set", ""), list(body.get("bias", [])), int(body.get("top_k", 2)),
+                   body.get("gate_set", ""), list(body.get("bias", [])),
+                   {k: [float(b) for b in v] for k, v in body.get("module_bias", [])}, int(body.get("top_k", 2)),
                    float(body.get("temperature", 1.0)))
 
     def layer_usage(self) -> dict[int, dict[str, float]]:
@@ -67,6 +70,7 @@ class ModuleInfo:
     slices: tuple[str, ...]        # the base model's module names it computes, in output order
     sizes: tuple[int, ...]
     layer: int
+    key: str | None = None         # moerge.experts.joint_gates.module_key: "3.attn"
 
 
 @dataclass
@@ -103,8 +107,25 @@ class BatchTables:
     plan_cols: list[torch.Tensor]              # per plan: index in U of each of its experts
     kmax: int
     any_token: bool
+    tokw: torch.Tensor | None = None           # [T] weight of the per-token gate logits (0: pooled plans)
     usage: dict[int, torch.Tensor] = field(default_factory=dict)   # layer -> [P+1, E]
     fixed_rank: dict[tuple, torch.Tensor] = field(default_factory=dict)  # owner key -> fixed[:, owner] in dtype
+    _module_bias: dict[str, torch.Tensor | None] = field(default_factory=dict)
+
+    def module_bias(self, key: str | None) -> torch.Tensor | None:
+        """[T, E]: every token's plan's bias at this module (None when no plan in the batch has one)."""
+        if self.tokw is None or key is None:
+            return None
+        if key not in self._module_bias:
+            P, E = len(self.plans), len(self.experts)
+            full = torch.zeros(P + 1, E)
+            for j, p in enumerate(self.plans):
+                if p.module_bias:
+                    v = p.module_bias.get(key)
+                    full[j, self.plan_cols[j]] = (torch.tensor(v, dtype=torch.float32) if v is not None
+                                                  else torch.full((len(self.plan_cols[j]),), float("-inf")))
+            self._module_bias[key] = full[self.plan_of_token]
+        return self._module_bias[key]
 
 
 class PluginState:
@@ -138,7 +159,8 @@ class PluginState:
         slices = tuple(f"{prefix}.{s}" for s in PACKED.get(short, (short,)))
         sizes = tuple(int(s) for s in getattr(module, "output_slices", ()) or ())
         m = _LAYER_RE.search(name)
-        self.modules[id(module.lora_a_stacked)] = ModuleInfo(name, slices, sizes, int(m.group(1)) if m else -1)
+        self.modules[id(module.lora_a_stacked)] = ModuleInfo(name, slices, sizes, int(m.group(1)) if m else -1,
+                                                             module_key(name))
 
     def register_plan_folder(self, lora_id: int, folder: str) -> bool:
         path = Path(folder) / PLAN_FILE
@@ -228,6 +250,7 @@ class PluginState:
             phat = torch.zeros(P + 1, dtype=torch.bool)
             k = torch.ones(P + 1, dtype=torch.long)
             temp = torch.ones(P + 1)
+            tokw = torch.ones(P + 1)
             plan_cols = []
             for j, p in enumerate(plans):
                 cols = torch.tensor([col[r.key] for r in p.experts], dtype=torch.long)
@@ -237,6 +260,7 @@ class PluginState:
                     b = torch.tensor(p.bias if p.bias else [0.0] * len(cols), dtype=torch.float32)
                     bias[j, cols] = b
                     k[j], temp[j] = p.top_k, p.temperature
+                    tokw[j] = 0.0 if p.mode == "pooled" else 1.0
                 else:
                     fixed[j].index_add_(0, cols, torch.tensor(p.weights, dtype=torch.float32))
             tok = torch.tensor([order.get(i, P) for i in lora_ids], dtype=torch.long)
@@ -244,7 +268,8 @@ class PluginState:
                 n_tokens=len(lora_ids), experts=experts, fixed=fixed[tok], token_rows=token[tok],
                 phat=phat[tok], bias=bias[tok], k=k[tok], temperature=temp[tok].unsqueeze(1), plan_of_token=tok,
                 plans=plans, plan_cols=plan_cols, kmax=int(k[:P][token[:P]].max()) if bool(token.any()) else 1,
-                any_token=bool(token.any()))
+                any_token=bool(token.any()),
+                tokw=tokw[tok] if any(p.module_bias for p in plans) else None)
             return self.batch
 
     def _expert_set(self, needed: dict) -> list[str]:

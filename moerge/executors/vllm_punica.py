@@ -70,8 +70,10 @@ class MoergePunicaCPU(PunicaWrapperCPU):
         H = torch.mm(x2, t.w_all_t)                                                    # [T, R + 2·S·E]
         T, S, E = H.shape[0], t.n_slices, t.n_experts
         g = H[:, R:].reshape(T, S, 2, E)
+        mb = batch.module_bias(info.key)
         coef, w, ids = gated_coefficients(g[:, :, 0], g[:, :, 1], t.d_in, token_stats(x2), t.gsum, t.present,
-                                          batch.phat, batch.bias, batch.k, batch.temperature, batch.kmax)
+                                          batch.phat, batch.bias if mb is None else batch.bias + mb, batch.k,
+                                          batch.temperature, batch.kmax, batch.tokw)
         c = coef.reshape(T, S * E).index_select(1, t.slice_owner)                      # [T, R]
         fixed = batch.fixed_rank.get(t.owner_key)
         if fixed is None:

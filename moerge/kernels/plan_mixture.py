@@ -34,18 +34,22 @@ def token_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def gated_coefficients(h_arrow: torch.Tensor, h_phat: torch.Tensor, d: int, stats: tuple[torch.Tensor, torch.Tensor],
                        gsum: torch.Tensor, present: torch.Tensor, phat: torch.Tensor, bias: torch.Tensor,
-                       k: torch.Tensor, temperature: torch.Tensor, kmax: int
+                       k: torch.Tensor, temperature: torch.Tensor, kmax: int, tokw: torch.Tensor | None = None
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(coef [T, S, E], weights [T, S, kk], ids [T, S, kk]) for token-gated rows.
 
     h_arrow/h_phat [T, S, E]: x·g for each gate set; d: x's width; stats: token_stats(x);
     gsum [S, E]: Σ of each standardised phatgoose gate (≈ 0; kept so the result is exact);
     present [S, E]: the expert adapts the slice; phat [T]: phatgoose mode (else arrow);
-    bias [T, E]: each token's plan (−inf = not allowed); k [T]; temperature [T, 1].
+    bias [T, E]: each token's plan (−inf = not allowed), this module's bias included; k [T];
+    temperature [T, 1]; tokw [T]: weight of the per-token logits (0 for `pooled` plans; None = 1).
     """
     mu, sd = stats
     lp = (h_phat.float() - mu * gsum) / ((sd + 1e-6) * math.sqrt(d))
-    logits = torch.where(phat.view(-1, 1, 1), lp, h_arrow.float().abs()) + bias.unsqueeze(1)
+    logits = torch.where(phat.view(-1, 1, 1), lp, h_arrow.float().abs())
+    if tokw is not None:
+        logits = logits * tokw.view(-1, 1, 1)
+    logits = logits + bias.unsqueeze(1)
     logits = logits.masked_fill(~present, float("-inf"))
     kk = min(kmax, logits.shape[-1])
     vals, ids = torch.sort(logits, dim=-1, descending=True, stable=True)

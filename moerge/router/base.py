@@ -37,6 +37,9 @@ class RoutingDecision:
     # token-level: how to gate (gate_set "arrow" | "gate", mode "arrow" | "phatgoose", top_k, temperature)
     gating: dict[str, Any] = field(default_factory=dict)
     detail: dict[str, Any] = field(default_factory=dict)
+    # token-level, `joint`: per module ("3.attn") an additive bias per expert, the same for every token
+    # of the request (not in to_json: the explanation carries the per-layer choices instead)
+    module_bias: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def to_json(self) -> dict:
         out = {"method": self.method, "granularity": self.granularity, "abstain": self.abstained,

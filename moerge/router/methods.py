@@ -8,6 +8,7 @@ from moerge.router.embed import EmbedRouter
 from moerge.router.feedback import FeedbackRouter
 from moerge.router.glider import GliderRouter
 from moerge.router.glider_global import GliderGlobalRouter
+from moerge.router.joint import JointRouter
 from moerge.router.merge import MergeCatRouter, MergeLinearRouter, MergeTiesRouter
 from moerge.router.moe_method import MoeRouter
 from moerge.router.oracle import OracleRouter
@@ -17,6 +18,6 @@ from moerge.router.retrieval import RetrievalRouter
 METHODS: dict[str, type[Router]] = {cls.name: cls for cls in (
     BaseRouter, OracleRouter, RetrievalRouter, EmbedRouter, GliderGlobalRouter,
     ArrowRouter, PhatgooseRouter, GliderRouter, MergeLinearRouter, MergeTiesRouter, MergeCatRouter,
-    FeedbackRouter, MoeRouter,
+    FeedbackRouter, MoeRouter, JointRouter,
 )}
 METHODS[ChainRouter.name] = ChainRouter     # wraps a sequence router: one step per skill asked for

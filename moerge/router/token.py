@@ -29,12 +29,14 @@ class TokenRouter(Router):
         names = self.eligible()
         bias, detail = self.request_bias(query, names)
         abstain = bool(detail.pop("abstain", False))
-        experts = sorted((ExpertScore(n, bias.get(n, 0.0)) for n in names), key=lambda e: -e.score)
+        module_bias = detail.pop("module_bias", {})
+        shown = detail.pop("scores", bias)          # what the explanation ranks the experts by
+        experts = sorted((ExpertScore(n, shown.get(n, 0.0)) for n in names), key=lambda e: -e.score)
         d = RoutingDecision(method=self.name, granularity="token", experts=experts,
                             chosen=[] if abstain else names, abstained=abstain or not names, bias=bias,
                             instruction=detail.pop("instruction", None),
                             gating={"gate_set": self.role, "mode": self.mode, "top_k": self.top_k,
                                     "temperature": self.temperature},
-                            detail={"top_k": self.top_k, "mode": self.mode, **detail})
+                            detail={"top_k": self.top_k, "mode": self.mode, **detail}, module_bias=module_bias)
         d.latency_ms = (time.perf_counter() - t0) * 1000
         return d

@@ -237,3 +237,44 @@ def test_a_forgotten_expert_leaves_the_reference_engine_at_the_next_planning(set
     ex.forget("e2")
     ex.generate(prompt, params, _exec(pool, RoutingDecision("pinned", "sequence", chosen=["e2"])))
     assert [k.split("@")[0] for k in ex.describe()["resident_experts"]] == ["e1", "e2"]
+
+
+@pytest.mark.real
+def test_a_pooled_plan_at_top_1_equals_each_modules_chosen_expert_merged(setup):
+    """`joint` plans (gate_mode "pooled"): each module takes the expert its module bias ranks first among
+    the experts that adapt it, for every token; at top-1 that is a merged model, module by module."""
+    from moerge.experts.joint_gates import module_key
+    pool, engine, adapters, base = setup
+    keys = sorted({module_key(m) for ad in adapters.values() for m in ad.weights})
+    g = torch.Generator().manual_seed(3)
+    module_bias = {k: dict(zip(NAMES, torch.randn(3, generator=g).tolist())) for k in keys}
+    d = RoutingDecision("joint", "token", chosen=list(NAMES), module_bias=module_bias,
+                        gating={"gate_set": "", "mode": "pooled", "top_k": 1, "temperature": 1.0})
+    plan = _row(engine, pool, d)
+    ids = _ids(base)
+    got = _logits_engine(engine, plan, ids)
+    deltas, picked = {}, set()
+    for m in {m for ad in adapters.values() for m in ad.weights}:
+        order = sorted(NAMES, key=lambda n: -module_bias[module_key(m)][n])
+        first = next(n for n in order if m in adapters[n].weights)
+        deltas[m] = adapters[first].delta(m)
+        picked.add(first)
+    assert len(picked) > 1          # the draw makes modules disagree, or the test would prove little
+    want = _merged_model(base, deltas)(input_ids=ids).logits
+    assert torch.allclose(got, want, atol=2e-4), float((got - want).abs().max())
+    # a module bias that prefers another expert at one module changes the output
+    k0 = keys[0]
+    flipped = {**module_bias, k0: {n: -v for n, v in module_bias[k0].items()}}
+    other = _logits_engine(engine, _row(engine, pool, RoutingDecision(
+        "joint", "token", chosen=list(NAMES), module_bias=flipped, gating=d.gating)), ids)
+    assert (other - got).abs().max() > 1e-3
+
+
+@pytest.mark.real
+def test_a_pooled_plan_without_module_bias_is_refused(setup):
+    from moerge.plan import PlanError
+    pool, engine, adapters, base = setup
+    d = RoutingDecision("joint", "token", chosen=list(NAMES),
+                        gating={"gate_set": "", "mode": "pooled", "top_k": 2, "temperature": 1.0})
+    with pytest.raises(PlanError, match="module bias"):
+        make_plan(d, pool, Engines([EngineCaps("reference")]))

@@ -12,7 +12,7 @@ import pytest
 from moerge.models.generation import SamplingParams
 from moerge.plan import PlanError
 from moerge.router.base import RoutingDecision, make_router
-from tests.helpers import answer_tokens, make_lora, pinned
+from tests.helpers import answer_tokens, make_lora, pinned, random_joint_set
 
 BASE_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 PROMPTS = ["What is 345 + 210? Answer with the number only.", "Convert to upper case: the cat sat on the mat",
@@ -36,7 +36,8 @@ def _ids(system, prompts):
 
 @pytest.mark.real
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["base", "pinned", "arrow", "phatgoose", "glider", "merge-linear", "merge-cat"])
+@pytest.mark.parametrize("method", ["base", "pinned", "arrow", "phatgoose", "glider", "joint", "merge-linear",
+                                    "merge-cat"])
 def test_every_method_gives_the_reference_engines_tokens_on_vllm(system, method):
     vx, ref = system.local
     # forced length: merge-cat (every expert summed) ends at once otherwise, which would prove nothing
@@ -46,6 +47,11 @@ def test_every_method_gives_the_reference_engines_tokens_on_vllm(system, method)
     elif method == "glider":   # α = 10: the global bias and the token gates both matter
         router = make_router("glider", system.router_ctx, alpha=10.0)
         decisions = [router.route(p) for p in PROMPTS]
+    elif method == "joint":    # a random joint gate set: only the engines' agreement is tested here
+        random_joint_set(system.pool, seed=5)
+        router = make_router("joint", system.router_ctx)
+        decisions = [router.route(p) for p in PROMPTS]
+        assert len({tuple(d.module_bias["0.attn"].values()) for d in decisions}) == len(PROMPTS)
     else:
         router = make_router(method, system.router_ctx)
         decisions = [router.route(p) for p in PROMPTS]

@@ -63,13 +63,14 @@ def pinned(*names: str):
     return RoutingDecision("pinned", "sequence", experts=[ExpertScore(n, 1.0) for n in names], chosen=list(names))
 
 
-def random_joint_set(pool, *, seed: int = 0, layers: int = 30, d: int = 576):
+def random_joint_set(pool, *, seed: int = 0, layers: int = 30, d: int = 576, d_mlp: int = 1536):
     """A joint gate set over the pool's LoRA experts with random gates (for engine tests, where only
     shapes and agreement matter), made the pool's current set."""
     from moerge.experts.joint_gates import KINDS, JointGates, _digest, save_to_pool
     cards = sorted((c for c in pool.list() if c.kind == "lora"), key=lambda c: c.name)
     g = torch.Generator().manual_seed(seed)
-    gates = {f"{i}.{k}": torch.randn(len(cards), d, generator=g) for i in range(layers) for k in KINDS}
+    gates = {f"{i}.{k}": torch.randn(len(cards), d_mlp if k == "down" else d, generator=g)
+             for i in range(layers) for k in KINDS}
     names, versions = [c.name for c in cards], [c.artifacts["adapter_weights"] for c in cards]
     jg = JointGates(names, versions, gates, {"params": {}})
     jg.version = _digest(names, versions, gates)

@@ -1,6 +1,6 @@
 """`make bench`: every benchmark, measured side by side in one run; prints ratios, saves JSON.
 
-python -m bench [kernels] [generation] [routing] [vllm] [service] [reroute] [moe]   (default: all)
+python -m bench [dtype] [kernels] [generation] [routing] [vllm] [service] [reroute] [moe]   (default: all)
 """
 
 from __future__ import annotations
@@ -13,8 +13,11 @@ from bench import kernels, routing, vllm_serving
 
 
 def main(argv: list[str]) -> None:
-    wanted = argv or ["kernels", "generation", "routing", "vllm", "service", "reroute", "moe"]
+    wanted = argv or ["dtype", "kernels", "generation", "routing", "vllm", "service", "reroute", "moe"]
     results = {}
+    if "dtype" in wanted:        # fp32 against bf16 on this CPU: what the compute dtype `auto` decides on
+        from bench import dtype
+        results["dtype"] = dtype.run(with_vllm=True)
     if "kernels" in wanted:
         results["kernels"] = kernels.run()
     if "generation" in wanted or "routing" in wanted:

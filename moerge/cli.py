@@ -73,6 +73,9 @@ def config(as_json: bool = typer.Option(False, "--json")) -> None:
     if data.get("admin_key"):
         data["admin_key"] = "***"
     data["api_keys"] = ["***"] * len(data.get("api_keys") or [])
+    from moerge import compute
+    data["vllm_dtype_resolved"] = compute.resolve_dtype(s.vllm_dtype)
+    data["compute"] = compute.describe()
     if as_json:
         print(json.dumps(data, indent=2))
         return
@@ -397,8 +400,8 @@ def eval_cmd(
     engine: str = typer.Option("auto", "--engine", help="auto: vLLM (fp32) for every plan it runs (base, adapters, "
                                "token and static mixtures), the reference engine for TIES | reference: everything "
                                "in the reference engine"),
-    dtype: str = typer.Option("bfloat16", "--dtype", help="vLLM's dtype: bfloat16 (fast) | float32 (greedy "
-                              "tokens equal the reference engine's)"),
+    dtype: str = typer.Option("auto", "--dtype", help="vLLM's dtype: auto (bfloat16 where the CPU has native bf16, "
+                              "else float32) | bfloat16 | float32 (greedy tokens equal the reference engine's)"),
     shift: str = typer.Option("both", "--shift", help="template: unseen phrasings of the template lists' content | "
                               "content: unseen phrasings of content no expert trained on | both"),
     feedback_curve: bool = typer.Option(False, "--feedback-curve", help="stream training prompts to the `feedback` "
@@ -439,8 +442,8 @@ def eval_cmd(
         if unknown:
             fail(f"unknown method(s) {unknown}: choose from {', '.join(known)}")
         specs = [known[m] for m in methods]
-    if dtype not in ("bfloat16", "float32"):
-        fail(f"--dtype must be bfloat16 or float32, not {dtype!r}")
+    if dtype not in ("auto", "bfloat16", "float32"):
+        fail(f"--dtype must be auto, bfloat16 or float32, not {dtype!r}")
     system, namespace = prepare(get_settings(), engine=engine, dtype=dtype, progress=lambda m: err.print(m),
                                 moe=any(s.method == "moe" for s in specs), joint=any(s.method == "joint" for s in specs))
     try:

@@ -92,7 +92,9 @@ class Settings(BaseSettings):
     vllm_max_lora_rank: int = Field(default=64, ge=1, description="largest expert rank vLLM serves (higher "
                                     "ranks run on the reference engine, stated in the routing info)")
     vllm_max_num_seqs: int = Field(default=64, ge=1, description="requests in one vLLM batch")
-    vllm_dtype: str = "bfloat16"
+    vllm_dtype: str = Field(default="auto", description="vLLM's compute dtype: auto (bfloat16 where the CPU has "
+                            "native bf16 - avx512_bf16, AMX or Arm bf16 - else float32, which is 4x faster there; "
+                            "moerge/compute.py) | bfloat16 | float32")
     moe_engine: str = Field(default="auto", description="auto | on | off: serve the pool's MoE base (`moerge moe "
                             "build`) in a second vLLM engine, for ESFT experts and the `moe` method. auto: when the "
                             "pool has one and the executor is vllm; on: fail to start without one")
@@ -132,6 +134,12 @@ class Settings(BaseSettings):
     def _cores(cls, v: str) -> str:
         cpu_core_list(v)
         return v
+
+    @field_validator("vllm_dtype")
+    @classmethod
+    def _dtype(cls, v: str) -> str:
+        from moerge.compute import check_dtype
+        return check_dtype(v)
     max_new_tokens_limit: int = 1024
     max_request_bytes: int = 32 * 1024 * 1024
     admin_key: str | None = Field(default=None, description="key for expert changes; none = open")

@@ -84,7 +84,9 @@ smoke() {
     # the models first (the compose stack's `assets` service): the image's entrypoint runs `moerge assets`
     podman run --rm -v moerge-smoke-data:/data "$IMAGE" true
     echo "assets prepared after $((SECONDS - START)) s"
-    # the engine: the compose stack's `vllm` service
+    # the engine: the compose stack's `vllm` service, in the dtype this CPU runs fastest (moerge/compute.py)
+    local dtype
+    dtype="$(podman run --rm --entrypoint python "$IMAGE" -c 'from moerge.compute import resolve_dtype; print(resolve_dtype())')"
     # vLLM's engine needs more shared memory than the 64 MB a container gets by default (160 MiB here)
     podman run -d --name moerge-smoke-vllm --network host --shm-size 1g \
         -e VLLM_ALLOW_RUNTIME_LORA_UPDATING=True -e VLLM_CPU_KVCACHE_SPACE=2 \
@@ -92,7 +94,7 @@ smoke() {
         -v moerge-smoke-data:/data:ro -v moerge-smoke-pool:/pool:ro \
         --entrypoint python "$IMAGE" -m vllm.entrypoints.openai.api_server \
         --model /data/models/SmolLM2-135M-Instruct --host 127.0.0.1 --port "$VLLM_PORT" \
-        --max-model-len 1024 --dtype bfloat16 --enable-lora --max-loras 4 --max-lora-rank 64 >/dev/null
+        --max-model-len 1024 --dtype "$dtype" --enable-lora --max-loras 4 --max-lora-rank 64 >/dev/null
     # a replica: the compose stack's moerge-a, on SQLite in the pool volume
     podman run -d --name moerge-smoke-api --network host --shm-size 1g \
         -e MOERGE_PORT="$API_PORT" -e MOERGE_HOST=127.0.0.1 -e MOERGE_POOL_DIR=/pool \

@@ -181,10 +181,13 @@ start() {
     # bounded oneDNN primitive caches, as moerge's own engine has them (Settings.vllm_onednn_cache;
     # docs/reliability.md: with the default 1024 the engine's memory climbs with every new batch shape)
     local cache="${MOERGE_VLLM_ONEDNN_CACHE:-16}"
+    # bfloat16 only where this CPU has native bf16 (moerge/compute.py); float32 is ~4x faster elsewhere
+    local dtype
+    dtype="$("$ROOT/.venv/bin/python" -c 'from moerge.compute import resolve_dtype; print(resolve_dtype())')"
     spawn vllm env VLLM_CPU_KVCACHE_SPACE="${VLLM_CPU_KVCACHE_SPACE:-1}" VLLM_ALLOW_RUNTIME_LORA_UPDATING=True \
       ONEDNN_PRIMITIVE_CACHE_CAPACITY="$cache" LRU_CACHE_CAPACITY="$cache" \
       "$ROOT/.venv/bin/python" -m vllm.entrypoints.openai.api_server --model "$base_model" \
-      --host 127.0.0.1 --port "$p_vllm" --max-model-len 1024 --dtype bfloat16 \
+      --host 127.0.0.1 --port "$p_vllm" --max-model-len 1024 --dtype "$dtype" \
       --enable-lora --max-loras "$max_loras" --max-lora-rank 64
   fi
 

@@ -9,13 +9,16 @@ import tempfile
 from pathlib import Path
 
 
-def prepare(settings, pool_dir: Path | None = None, engine: str = "auto", dtype: str = "bfloat16",
+def prepare(settings, pool_dir: Path | None = None, engine: str = "auto", dtype: str = "auto",
             progress=lambda m: None, moe: bool = False, joint: bool = False):
     """(system, namespace). engine "auto": vLLM on every core (the harness waits while it generates)
     with the reference engine for TIES; "reference": the reference engine only. In fp32, vLLM's
-    greedy tokens equal the reference engine's (tests/executors/test_vllm.py); bf16, the default,
-    is about twice as fast and may change a near-tie token."""
+    greedy tokens equal the reference engine's (tests/executors/test_vllm.py); bf16 (auto's choice on a CPU
+    with native bf16) is 2-3x as fast there and may change a near-tie token; without native bf16 auto is fp32."""
+    from moerge.compute import resolve_dtype
     from moerge.startup import start
+
+    dtype = resolve_dtype(dtype)
 
     pool_dir = pool_dir or Path(tempfile.mkdtemp(prefix="moerge-eval-pool-"))
     opts = dict(dtype=dtype, cpu_threads="all", max_num_seqs=64)

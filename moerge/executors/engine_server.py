@@ -15,13 +15,15 @@ import sys
 import time
 from pathlib import Path
 
+from moerge.compute import resolve_dtype
+
 
 def server_command(model_dir: Path, port: int, *, max_loras: int = 4, max_lora_rank: int = 64,
-                   dtype: str = "bfloat16", max_model_len: int = 1024, host: str = "127.0.0.1",
+                   dtype: str = "auto", max_model_len: int = 1024, host: str = "127.0.0.1",
                    served_name: str = "base") -> list[str]:
     return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
             "--served-model-name", served_name, "--host", host, "--port", str(port),
-            "--dtype", dtype, "--max-model-len", str(max_model_len), "--enable-lora",
+            "--dtype", resolve_dtype(dtype), "--max-model-len", str(max_model_len), "--enable-lora",
             "--max-loras", str(max_loras), "--max-cpu-loras", str(max_loras), "--max-lora-rank", str(max_lora_rank)]
 
 

@@ -24,6 +24,7 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import asdict
 from pathlib import Path
 
+from moerge.compute import resolve_dtype
 from moerge.config import cpu_core_list
 from moerge.experts.errors import ExpertError
 from moerge.models.chat import encode_chat
@@ -166,10 +167,12 @@ class VllmExecutor:
     restart_backoff_s = (1.0, 2.0, 5.0, 10.0, 30.0)   # between failed restarts; the last one repeats
 
     def __init__(self, model_dir: Path, *, max_resident_experts: int = 64, max_lora_rank: int = 64,
-                 max_num_seqs: int = 64, dtype: str = "bfloat16", kv_cache_gib: int = 2, max_model_len: int = 2048,
+                 max_num_seqs: int = 64, dtype: str = "auto", kv_cache_gib: int = 2, max_model_len: int = 2048,
                  cpu_threads: str = "auto", onednn_cache: int | None = 16, plan_dir: Path | None = None,
                  start: bool = True):
         self.model_dir = Path(model_dir)
+        dtype = resolve_dtype(dtype)     # auto: bf16 only on a CPU with native bf16 (moerge/compute.py)
+        self.dtype = dtype
         self.max_lora_rank = max_lora_rank
         self.max_resident_experts = max_resident_experts
         # every request in a full batch may carry its own plan adapter: one vLLM slot each
@@ -274,7 +277,8 @@ class VllmExecutor:
 
     def describe(self) -> dict:
         out = {"engine": self.name, "ready": self.ready(), "error": self.error, "restarts": self.restarts,
-               "max_resident_experts": self.max_resident_experts, "max_lora_rank": self.max_lora_rank}
+               "max_resident_experts": self.max_resident_experts, "max_lora_rank": self.max_lora_rank,
+               "dtype": self.dtype}
         if self.ready():
             try:
                 out.update(self._call(self.engine.collective_rpc("moerge_describe"), 30)[0])

@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import save as st_save
 from tqdm.auto import tqdm
 
+from moerge.compute import autocast
 from moerge.experts.lora import LoraAdapter
 from moerge.experts.training import collate, encode_example, load_tokenizer
 
@@ -70,7 +71,7 @@ def train_gate(base_dir: Path, adapter: LoraAdapter, prompts: list[str], answers
     for _ in tqdm(range(steps), desc="train gate", disable=not show_progress, mininterval=5):
         idx = torch.randint(len(encoded), (batch_size,), generator=g).tolist()
         batch = collate([encoded[i] for i in idx], tok.pad_token_id)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with autocast():
             loss = model(**batch).loss
         loss.backward()
         opt.step()

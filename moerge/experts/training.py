@@ -1,8 +1,9 @@
-"""Train one LoRA expert per task with peft: seeded data, bf16 autocast, resumable, with a manifest.
+"""Train one LoRA expert per task with peft: seeded data, bf16 autocast where the CPU has native bf16
+(moerge/compute.py; float32 elsewhere), resumable, with a manifest.
 
 Data is generated up front from `data_seed` with the task's training templates, so step k
 always sees the same batch; there is no dropout. A run is therefore a pure function of its
-config (given the same torch build and thread count), which is what lets `moerge experts
+config (given the same torch build, compute dtype and thread count), which is what lets `moerge experts
 build` rebuild the committed library and lets an interrupted run resume from its last
 checkpoint (adapter + optimizer state, stored as safetensors, never pickled).
 """
@@ -22,6 +23,7 @@ import torch
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from moerge.compute import autocast, resolve_dtype
 from moerge.experts.lora import read_safetensors
 from moerge.models.chat import encode_chat, encode_chat_answer, stop_token_ids
 from moerge.tasks import get_task
@@ -102,7 +104,7 @@ def greedy_answers(model, tok, prompts: list[str], max_new_tokens: int = 40, bat
         for j, c in enumerate(chunk):
             ids[j, width - len(c):] = torch.tensor(c)
             mask[j, width - len(c):] = 1
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with autocast():
             gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
                                  eos_token_id=stop_token_ids(tok), pad_token_id=tok.pad_token_id)
         outs += tok.batch_decode(gen[:, width:], skip_special_tokens=True)
@@ -116,10 +118,10 @@ def accuracy(task_name: str, model, tok, samples, max_new_tokens: int = 40) -> t
 
 
 def train_step(model, batch: dict, opt, params: list, lr: float) -> float:
-    """One optimiser step at `lr` (bf16 autocast, gradient norm clipped to 1); the loss, rounded."""
+    """One optimiser step at `lr` (bf16 autocast where the CPU has native bf16, gradient norm clipped to 1); the loss, rounded."""
     for g in opt.param_groups:
         g["lr"] = lr
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with autocast():
         loss = model(**batch).loss
     loss.backward()
     torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -250,7 +252,7 @@ def train_lora(base_dir: Path, cfg: TrainConfig, out: Path, *, base_model_id: st
         "fingerprint": cfg.fingerprint(), "steps_run": len(losses), "stopped_early": stopped_early,
         "train_templates": task.templates("train", shift), "loss_curve": losses, "dev_evals": evals,
         "train_seconds_this_run": round(time.time() - t0, 1),
-        "torch": torch.__version__, "adapter_bytes": (out / "adapter_model.safetensors").stat().st_size,
+        "torch": torch.__version__, "compute_dtype": resolve_dtype(), "adapter_bytes": (out / "adapter_model.safetensors").stat().st_size,
         "adapter_sha256": hashlib.sha256((out / "adapter_model.safetensors").read_bytes()).hexdigest(),
     }
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from moerge.compute import autocast
 from moerge.experts.training import RECIPES, accuracy, collate, encode_example, load_tokenizer, train_step
 from moerge.moe.base import MoeBase
 from moerge.moe.esft import DEFAULT_THRESHOLD, METRICS, WEIGHTS_NAME, expert_key, save_esft, select_experts
@@ -79,7 +80,7 @@ def routing_affinity(model, batches: list[dict[str, torch.Tensor]], top_k: int,
     masks = []
     try:
         for batch in batches:
-            with torch.autocast("cpu", dtype=torch.bfloat16):
+            with autocast():
                 model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
             keep = batch["attention_mask"].bool().clone()
             keep[:, :skip_prefix] = False                                # right-padded: position = token index
@@ -170,7 +171,7 @@ def _batches(encoded, batch_size: int, pad_id: int) -> list[dict[str, torch.Tens
 
 def train_selected(model, tok, cfg: EsftConfig, params: list[nn.Parameter], encoded, dev,
                    show_progress: bool = True) -> tuple[list[float], list[dict], bool]:
-    """The fine-tuning loop (bf16 autocast, warmup + cosine, dev-set early stopping); returns losses, evals,
+    """The fine-tuning loop (bf16 autocast where native, warmup + cosine, dev-set early stopping); returns losses, evals,
     stopped_early."""
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=cfg.betas)
     losses: list[float] = []

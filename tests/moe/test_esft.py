@@ -14,6 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from moerge.compute import autocast
 from moerge.experts import errors
 from moerge.moe.base import MANIFEST, WEIGHTS, MoeBase, moe_root, set_current
 from moerge.moe.esft import (
@@ -152,7 +153,7 @@ def test_affinity_rows_sum_to_one_match_a_direct_router_count_and_ignore_padding
         torch.testing.assert_close(a, apart[metric], atol=2e-3, rtol=0)   # padding left out
     # direct: transformers' own router logits of one unpadded prompt
     batch = _batch(tok, texts[:1])
-    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.inference_mode(), autocast():
         out = model(**{k: batch[k] for k in ("input_ids", "attention_mask")}, output_router_logits=True)
     logits = out.router_logits[0].float()
     one = routing_affinity(model, [batch], moe.top_k)

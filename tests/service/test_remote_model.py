@@ -21,6 +21,7 @@ import httpx
 import pytest
 import torch
 
+from moerge.compute import resolve_dtype
 from tests.helpers import make_lora, tree_snapshot
 
 # each chat writes its completion record (for POST /v1/feedback) to feedback.sqlite beside the registry; the
@@ -51,7 +52,7 @@ def vllm_server(merged_model):
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "MOERGE_VLLM_PUNICA": "vllm"}
     proc = subprocess.Popen([sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(merged_model),
                              "--served-model-name", "merged-expert", "--host", "127.0.0.1", "--port", str(port),
-                             "--max-model-len", "1024", "--dtype", "bfloat16"],
+                             "--max-model-len", "1024", "--dtype", resolve_dtype()],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 900

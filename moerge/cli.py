@@ -204,6 +204,29 @@ def experts_build(
     build_library(base, out or LIBRARY, tasks, log=lambda m: print(m, flush=True), data=data)
 
 
+@experts_app.command("choose")
+@_guard
+def experts_choose(
+    candidates: Path = typer.Option(..., "--candidates", help="a folder of retrained experts (`experts build --out`)"),
+    install: bool = typer.Option(False, "--install", help="replace the library's expert where the candidate wins"),
+    margin: float = typer.Option(0.02, "--margin", help="how much higher the candidate's mean dev accuracy must be"),
+) -> None:
+    """Compare retrained experts with the library's on development sets only (moerge/experts/select.py)."""
+    from moerge.assets import ensure_base_model
+    from moerge.experts.build import write_index
+    from moerge.experts.bundled import LIBRARY
+    from moerge.experts.select import choose
+    if not candidates.is_dir():
+        fail(f"no such folder: {candidates}")
+    decisions = choose(ensure_base_model(get_settings()), LIBRARY, candidates, install=install, margin=margin,
+                       log=lambda m: print(m, flush=True))
+    if not decisions:
+        fail(f"no finished experts in {candidates}")
+    if install:
+        write_index(LIBRARY)
+    console.print(json.dumps(decisions, indent=2))
+
+
 @experts_app.command("train-gate")
 @_guard
 def experts_train_gate(

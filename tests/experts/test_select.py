@@ -1,0 +1,52 @@
+"""`moerge experts choose`: a retrained expert replaces the library's only when it does better on
+development sets (training templates, training content), and the swap never leaves a half expert."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from moerge.experts.bundled import LIBRARY
+from moerge.experts.select import FILES, SELECT_SEED, choose
+from tests.helpers import make_lora, tree_snapshot
+
+BASE_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+@pytest.mark.real
+@pytest.mark.slow
+def test_the_better_expert_on_dev_sets_wins_and_is_installed_whole(tmp_path, base_model_dir):
+    # a "library" whose km_to_m expert is a near-zero random LoRA (it answers as the base model does)
+    library, weak = tmp_path / "library", tmp_path / "library" / "km_to_m"
+    make_lora(base_model_dir, weak, base_name=BASE_ID, scale_b=1e-4)
+    (weak / "manifest.json").write_text("{}\n")
+    (weak / "gate.safetensors").write_bytes(b"old gate")
+    # candidates: the real km_to_m expert, and a copy of the weak one under another task's name is refused
+    cands = tmp_path / "cands"
+    shutil.copytree(LIBRARY / "km_to_m", cands / "km_to_m", ignore=shutil.ignore_patterns("*.tmp"))
+    before = tree_snapshot(library)
+    kept = choose(base_model_dir, library, cands, install=False, n=8, log=lambda m: None)
+    assert tree_snapshot(library) == before                       # without --install nothing moves
+    [d] = kept
+    assert d["replace"] and d["dev"]["seed"] == SELECT_SEED and d["dev"]["split"] == "train"
+    assert min(d["candidate_dev"].values()) > max(d["incumbent_dev"].values())
+    assert json.loads((cands / "km_to_m" / "manifest.json").read_text())["selection"] == d
+
+    [d] = choose(base_model_dir, library, cands, install=True, n=8, log=lambda m: None)
+    assert d["replace"]
+    for f in FILES:
+        assert (library / "km_to_m" / f).read_bytes() == (cands / "km_to_m" / f).read_bytes(), f
+    assert sorted(p.name for p in library.iterdir()) == ["km_to_m"]          # no staging folders left
+
+    # now the incumbent is the real expert: the same expert again is no improvement, so it stays
+    [d] = choose(base_model_dir, library, cands, install=True, n=8, log=lambda m: None)
+    assert not d["replace"] and d["candidate_dev"] == d["incumbent_dev"]
+
+
+def test_a_candidate_for_a_task_the_library_lacks_is_refused(tmp_path, base_model_dir):
+    (tmp_path / "lib").mkdir()
+    (tmp_path / "cands" / "km_to_m").mkdir(parents=True)
+    (tmp_path / "cands" / "km_to_m" / "gate.safetensors").write_bytes(b"x")
+    with pytest.raises(ValueError, match="no such expert"):
+        choose(base_model_dir, tmp_path / "lib", tmp_path / "cands", log=lambda m: None)

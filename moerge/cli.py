@@ -179,9 +179,10 @@ def experts_build(
     out: Optional[Path] = typer.Option(None, "--out", help="library folder (default: the bundled one)"),
     background: bool = typer.Option(False, "--background", help="run detached, logging to a file"),
     log_file: Path = typer.Option(Path("runs/build-experts.log"), "--log"),
-    data: str = typer.Option("template-lists-v0", "--data", help="training data recipe: template-lists-v0 (the "
-                             "bundled library) | content-pools-v1 (paraphrase families over the training pools, "
-                             "docs/TASKS.md)"),
+    data: str = typer.Option("recorded", "--data", help="training data recipe: recorded (each expert's own, as "
+                             "its manifest in the library records: rebuilds the bundled library as committed) | "
+                             "template-lists-v0 (the first release's) | content-pools-v1 (paraphrase families over "
+                             "the training pools, docs/TASKS.md)"),
 ) -> None:
     """Train the expert library: one LoRA + PHATGOOSE gate per held-in task (resumable)."""
     from moerge.experts.bundled import LIBRARY

@@ -130,10 +130,22 @@ def write_index(library: Path) -> None:
                                                      indent=2) + "\n")
 
 
+def recorded_recipe(folder: Path) -> str:
+    """The data recipe an expert's manifest records (first-release manifests: template-lists-v0)."""
+    try:
+        return json.loads((folder / "manifest.json").read_text())["config"].get("data", "template-lists-v0")
+    except (OSError, ValueError, KeyError):
+        return "template-lists-v0"
+
+
 def build_library(base_dir: Path, library: Path, tasks: list[str] | None = None, log=print,
-                  data: str = "template-lists-v0") -> list[dict]:
+                  data: str = "recorded") -> list[dict]:
     """Train every expert first, then measure the base model on the same samples and record it in
-    each manifest next to the expert's accuracy."""
+    each manifest next to the expert's accuracy. `data` "recorded": each expert in the recipe its
+    manifest in `library` records (so the bundled library rebuilds as committed, each expert skipped
+    when it is up to date), template-lists-v0 for a new one; or one recipe for all."""
+    if data != "recorded" and data not in RECIPES:
+        raise ValueError(f"unknown data recipe {data!r}; recipes are recorded, {', '.join(RECIPES)}")
     tasks = tasks or list(HELD_IN)
     for t in tasks:
         if not get_task(t).held_in:
@@ -141,7 +153,8 @@ def build_library(base_dir: Path, library: Path, tasks: list[str] | None = None,
     library.mkdir(parents=True, exist_ok=True)
     manifests = []
     for task in tasks:
-        manifests.append(build_expert(base_dir, task, library / task, log, data))
+        recipe = recorded_recipe(library / task) if data == "recorded" else data
+        manifests.append(build_expert(base_dir, task, library / task, log, recipe))
         write_index(library)
     fresh = [(t, m) for t, m in zip(tasks, manifests) if isinstance(m["accuracy"].get("expert"), dict)]
     if fresh:       # experts built by this version record both shifts; measure the base model on the same samples

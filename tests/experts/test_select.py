@@ -50,3 +50,21 @@ def test_a_candidate_for_a_task_the_library_lacks_is_refused(tmp_path, base_mode
     (tmp_path / "cands" / "km_to_m" / "gate.safetensors").write_bytes(b"x")
     with pytest.raises(ValueError, match="no such expert"):
         choose(base_model_dir, tmp_path / "lib", tmp_path / "cands", log=lambda m: None)
+
+
+def test_build_rebuilds_each_expert_in_its_recorded_recipe_and_skips_the_committed_library(tmp_path, base_model_dir):
+    """`moerge experts build` on the committed library trains nothing: every manifest's fingerprint is
+    the config of the recipe it records (a mixed library: some experts content-pools-v1, some not)."""
+    from moerge.experts.build import build_library, recorded_recipe
+    from moerge.tasks import HELD_IN
+    lib = tmp_path / "library"
+    shutil.copytree(LIBRARY, lib)
+    recipes = {t: recorded_recipe(lib / t) for t in HELD_IN}
+    assert set(recipes.values()) <= {"template-lists-v0", "content-pools-v1"}
+    before = tree_snapshot(lib)
+    logs: list[str] = []
+    build_library(base_model_dir, lib, log=logs.append)
+    assert logs == [f"{t}: up to date, skipped" for t in HELD_IN]
+    assert tree_snapshot(lib) == before
+    with pytest.raises(ValueError, match="unknown data recipe"):
+        build_library(base_model_dir, lib, log=logs.append, data="everything")

@@ -2,8 +2,7 @@
 phrasings no expert trained on. Each expert must beat the base model by at least 30 points.
 
 This is issue 12's aim, and the bundled library does not meet it yet: on the content shift
-(n = 50, docs/results/shifts/report.md) uppercase gains 2 points, reverse_words 8, sort_numbers 18,
-count_words 26. The test is marked `aim`, so `make test` leaves it out and `make aims` runs it
+(n = 50, docs/results/shifts/report.md) uppercase gains 2 points, sort_numbers 18, count_words 26. The test is marked `aim`, so `make test` leaves it out and `make aims` runs it
 (and fails, today). It moves into `make test` when the library is rebuilt to meet it."""
 
 from __future__ import annotations

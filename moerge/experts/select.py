@@ -4,7 +4,11 @@
 adapters answer the same development prompts: training templates over training content, from both
 recipes (template-lists-v0 over the template lists, content-pools-v1 over the training pool), with a
 seed no training run or early stop uses. Evaluation templates and the evaluation pool are never
-read. The candidate replaces the incumbent when its mean over the two development sets is higher by
+read. The content development set keeps only prompts with content that neither expert trained on
+(a content key absent from both training sets, regenerated from their manifests): the training pool
+of an entity task is small enough that training covers it all (capital_of: every training country),
+and a development set over it measures memory, not the skill. When fewer than MIN_UNSEEN such
+prompts exist, the content skill cannot be judged on development data and the incumbent stays. The candidate replaces the incumbent when its mean over the two development sets is higher by
 at least `margin`; the decision, with both experts' figures, goes into the candidate's manifest as
 `selection`, and into the library's manifest when it is installed.
 """
@@ -21,11 +25,32 @@ from moerge.tasks import get_task
 
 SELECT_SEED = 2_000_003     # training runs draw data_seed (0) and dev data_seed + 1_000_003
 N_DEV = 48
+MIN_UNSEEN = 16
+DRAW = 2000                 # content development prompts drawn before keeping the unseen ones
 FILES = ("adapter_config.json", "adapter_model.safetensors", "gate.safetensors", "manifest.json")
 
 
-def dev_accuracy(base_dir: Path, adapter_dir: Path, task: str, n: int = N_DEV) -> dict[str, float]:
-    """{recipe: accuracy} of one adapter on the development sets of both recipes."""
+def trained_content(folder: Path) -> set[str]:
+    """The content keys an expert's training samples used, regenerated from its manifest's config."""
+    try:
+        cfg = json.loads((folder / "manifest.json").read_text())["config"]
+    except (OSError, ValueError, KeyError):
+        return set()
+    shift = RECIPES.get(cfg.get("data", "template-lists-v0"), "template")
+    samples = get_task(cfg["task"]).samples(cfg["steps"] * cfg["batch_size"], cfg["data_seed"], "train", shift)
+    return {k for s in samples for k in s.content}
+
+
+def dev_sets(task: str, seen: set[str], n: int) -> dict[str, list]:
+    """{recipe: samples}: the template-lists development prompts, and content-pool ones whose content
+    has a key outside `seen` (possibly fewer than n)."""
+    t = get_task(task)
+    unseen = [s for s in t.samples(DRAW, SELECT_SEED, "train", "content") if not set(s.content) <= seen]
+    return {"template-lists-v0": t.samples(n, SELECT_SEED, "train", "template"), "content-pools-v1": unseen[:n]}
+
+
+def dev_accuracy(base_dir: Path, adapter_dir: Path, task: str, sets: dict[str, list]) -> dict[str, float]:
+    """{recipe: accuracy} of one adapter on the development sets."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -33,8 +58,9 @@ def dev_accuracy(base_dir: Path, adapter_dir: Path, task: str, n: int = N_DEV) -
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32),
                                       adapter_dir).eval()
     out = {}
-    for recipe, shift in RECIPES.items():
-        samples = get_task(task).samples(n, SELECT_SEED, "train", shift)
+    for recipe, samples in sets.items():
+        if not samples:
+            continue
         width = max(len(tok(s.answer)["input_ids"]) for s in samples) + 6
         out[recipe] = round(accuracy(task, model, tok, samples, width)[0], 4)
     return out
@@ -49,12 +75,20 @@ def choose(base_dir: Path, library: Path, candidates: Path, *, install: bool = F
         get_task(task)
         if not (library / task / "manifest.json").exists():
             raise ValueError(f"{task}: the library has no such expert to compare with")
-        inc, cand = dev_accuracy(base_dir, library / task, task, n), dev_accuracy(base_dir, folder, task, n)
+        sets = dev_sets(task, trained_content(library / task) | trained_content(folder), n)
+        n_unseen = len(sets["content-pools-v1"])
+        inc, cand = dev_accuracy(base_dir, library / task, task, sets), dev_accuracy(base_dir, folder, task, sets)
         mean = lambda d: sum(d.values()) / len(d)      # noqa: E731
-        take = mean(cand) >= mean(inc) + margin
+        judged = n_unseen >= min(MIN_UNSEEN, n)
+        take = judged and mean(cand) >= mean(inc) + margin
         d = {"task": task, "incumbent_dev": inc, "candidate_dev": cand, "margin": margin, "replace": take,
-             "dev": {"seed": SELECT_SEED, "n": n, "split": "train", "recipes": list(RECIPES)}}
-        log(f"{task}: incumbent dev {inc}, candidate dev {cand} -> {'replace' if take else 'keep'}")
+             "reason": ("higher mean development accuracy" if take else "not higher by the margin") if judged else
+                       f"only {n_unseen} content development prompts unseen by training (< {MIN_UNSEEN}): "
+                       "the content skill cannot be judged, the incumbent stays",
+             "dev": {"seed": SELECT_SEED, "n": n, "split": "train", "recipes": list(RECIPES),
+                     "content_unseen_by_training": n_unseen}}
+        log(f"{task}: incumbent dev {inc}, candidate dev {cand} ({n_unseen} unseen-content prompts) -> "
+            f"{'replace' if take else 'keep'}")
         manifest = json.loads((folder / "manifest.json").read_text())
         manifest["selection"] = d
         (folder / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")

@@ -68,3 +68,24 @@ def test_build_rebuilds_each_expert_in_its_recorded_recipe_and_skips_the_committ
     assert tree_snapshot(lib) == before
     with pytest.raises(ValueError, match="unknown data recipe"):
         build_library(base_model_dir, lib, log=logs.append, data="everything")
+
+
+def test_content_dev_prompts_are_only_those_with_content_training_never_saw(tmp_path):
+    """capital_of's training pool is ~125 countries and training covers them all: no development prompt
+    with unseen content is left, so the content skill cannot be judged there (and the incumbent stays);
+    km_to_m's distances are many, and most development prompts are new to training."""
+    from dataclasses import asdict
+
+    from moerge.experts.build import default_config
+    from moerge.experts.select import dev_sets, trained_content
+    sizes = {}
+    for task in ("capital_of", "km_to_m"):
+        cfg = default_config(task, "content-pools-v1")
+        (tmp_path / task).mkdir()
+        (tmp_path / task / "manifest.json").write_text(json.dumps({"config": {**asdict(cfg), "targets": list(cfg.targets)}}))
+        seen = trained_content(tmp_path / task)
+        sets = dev_sets(task, seen, 48)
+        assert all(not set(s.content) <= seen for s in sets["content-pools-v1"])
+        assert len(sets["template-lists-v0"]) == 48
+        sizes[task] = len(sets["content-pools-v1"])
+    assert sizes == {"capital_of": 0, "km_to_m": 48}

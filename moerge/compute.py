@@ -19,8 +19,6 @@ import os
 import platform
 from functools import lru_cache
 
-import torch
-
 DTYPES = ("auto", "bfloat16", "float32")
 BF16_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")            # x86 (Cooper Lake+, Zen 4+), AMX, Arm's FEAT_BF16
 
@@ -67,19 +65,22 @@ def resolve_dtype(name: str | None = None) -> str:
     return name
 
 
-def torch_dtype(name: str | None = None) -> torch.dtype:
+def torch_dtype(name: str | None = None):
+    import torch
     return getattr(torch, resolve_dtype(name))
 
 
 def autocast(name: str | None = None):
     """A bf16 CPU autocast where the compute dtype is bf16, else nothing (the model stays float32)."""
     if resolve_dtype(name) == "bfloat16":
+        import torch
         return torch.autocast("cpu", dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
 def describe() -> dict:
     """What `moerge config` and the engines report: the resolved dtype and why."""
+    import torch
     flags = cpu_flags()
     setting = os.environ.get("MOERGE_DTYPE", "auto")
     return {"setting": setting, "compute_dtype": resolve_dtype(setting),

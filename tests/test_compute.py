@@ -63,6 +63,7 @@ def test_this_machine_resolves_from_its_own_flags():
     assert data["compute"]["compute_dtype"] == data["vllm_dtype_resolved"]
 
 
+@pytest.mark.real
 def test_the_vllm_executor_resolves_auto_before_it_starts(base_model_dir, monkeypatch):
     from moerge.executors.vllm_engine import VllmExecutor
     for k in ("VLLM_CPU_KVCACHE_SPACE", "MOERGE_PLUGIN_CAPACITY", "MOERGE_PLUGIN_DTYPE", "ONEDNN_PRIMITIVE_CACHE_CAPACITY",

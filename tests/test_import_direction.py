@@ -13,7 +13,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "moerge"
 
 # top-level module or subpackage of moerge -> layer
 LAYERS = {
-    "config": 0, "assets": 0,
+    "config": 0, "assets": 0, "compute": 0,
     "tasks": 1, "models": 1, "kernels": 1,
     "experts": 2, "moe": 2,    # the MoE base and ESFT adapters: built from, and registered in, the pool
     "router": 3,

@@ -44,6 +44,7 @@ def test_the_better_expert_on_dev_sets_wins_and_is_installed_whole(tmp_path, bas
     assert not d["replace"] and d["candidate_dev"] == d["incumbent_dev"]
 
 
+@pytest.mark.real
 def test_a_candidate_for_a_task_the_library_lacks_is_refused(tmp_path, base_model_dir):
     (tmp_path / "lib").mkdir()
     (tmp_path / "cands" / "km_to_m").mkdir(parents=True)
@@ -52,6 +53,7 @@ def test_a_candidate_for_a_task_the_library_lacks_is_refused(tmp_path, base_mode
         choose(base_model_dir, tmp_path / "lib", tmp_path / "cands", log=lambda m: None)
 
 
+@pytest.mark.real
 def test_build_rebuilds_each_expert_in_its_recorded_recipe_and_skips_the_committed_library(tmp_path, base_model_dir):
     """`moerge experts build` on the committed library trains nothing: every manifest's fingerprint is
     the config of the recipe it records (a mixed library: some experts content-pools-v1, some not)."""

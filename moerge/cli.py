@@ -466,8 +466,11 @@ def eval_cmd(
         if unknown:
             fail(f"unknown method(s) {unknown}: choose from {', '.join(known)}")
         specs = [known[m] for m in methods]
-    if dtype not in ("auto", "bfloat16", "float32"):
-        fail(f"--dtype must be auto, bfloat16 or float32, not {dtype!r}")
+    from moerge.compute import check_dtype
+    try:
+        check_dtype(dtype)
+    except ValueError as e:
+        fail(f"--dtype: {e}")
     system, namespace = prepare(get_settings(), engine=engine, dtype=dtype, progress=lambda m: err.print(m),
                                 moe=any(s.method == "moe" for s in specs), joint=any(s.method == "joint" for s in specs))
     try:

@@ -65,11 +65,6 @@ def resolve_dtype(name: str | None = None) -> str:
     return name
 
 
-def torch_dtype(name: str | None = None):
-    import torch
-    return getattr(torch, resolve_dtype(name))
-
-
 def autocast(name: str | None = None):
     """A bf16 CPU autocast where the compute dtype is bf16, else nothing (the model stays float32)."""
     if resolve_dtype(name) == "bfloat16":

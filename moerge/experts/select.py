@@ -8,7 +8,8 @@ read. The content development set keeps only prompts with content that neither e
 (a content key absent from both training sets, regenerated from their manifests): the training pool
 of an entity task is small enough that training covers it all (capital_of: every training country),
 and a development set over it measures memory, not the skill. When fewer than MIN_UNSEEN such
-prompts exist, the content skill cannot be judged on development data and the incumbent stays. The candidate replaces the incumbent when its mean over the two development sets is higher by
+prompts exist, the content skill cannot be judged on development data and the incumbent stays.
+The candidate replaces the incumbent when its mean over the two development sets is higher by
 at least `margin`; the decision, with both experts' figures, goes into the candidate's manifest as
 `selection`, and into the library's manifest when it is installed.
 """
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from moerge.experts.build import recorded_recipe
 from moerge.experts.training import RECIPES, accuracy, load_tokenizer
 from moerge.tasks import get_task
 
@@ -35,8 +37,8 @@ def trained_content(folder: Path) -> set[str]:
     try:
         cfg = json.loads((folder / "manifest.json").read_text())["config"]
     except (OSError, ValueError, KeyError):
-        return set()
-    shift = RECIPES.get(cfg.get("data", "template-lists-v0"), "template")
+        return set()               # no recorded training config (a hand-made adapter): nothing known seen
+    shift = RECIPES[recorded_recipe(folder)]
     samples = get_task(cfg["task"]).samples(cfg["steps"] * cfg["batch_size"], cfg["data_seed"], "train", shift)
     return {k for s in samples for k in s.content}
 

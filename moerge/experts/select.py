@@ -1,9 +1,9 @@
 """Choose between a library expert and a retrained candidate on development sets only.
 
 `moerge experts choose --candidates DIR [--install]`. For each task with a candidate in DIR, both
-adapters answer the same development prompts: training templates over training content, from both
-recipes (template-lists-v0 over the template lists, content-pools-v1 over the training pool), with a
-seed no training run or early stop uses. Evaluation templates and the evaluation pool are never
+adapters answer the same development prompts: the hand-written training templates (both recipes
+train on them) over training content, from both recipes (template-lists-v0 over the template lists,
+content-pools-v1 over the training pool), with a seed no training run or early stop uses. Evaluation templates and the evaluation pool are never
 read. The content development set keeps only prompts with content that neither expert trained on
 (a content key absent from both training sets, regenerated from their manifests): the training pool
 of an entity task is small enough that training covers it all (capital_of: every training country),
@@ -28,7 +28,7 @@ from moerge.tasks import get_task
 SELECT_SEED = 2_000_003     # training runs draw data_seed (0) and dev data_seed + 1_000_003
 N_DEV = 48
 MIN_UNSEEN = 16
-DRAW = 2000                 # content development prompts drawn before keeping the unseen ones
+DRAW = 6000                 # content prompts drawn before keeping the unseen ones on the shared templates
 FILES = ("adapter_config.json", "adapter_model.safetensors", "gate.safetensors", "manifest.json")
 
 
@@ -45,9 +45,14 @@ def trained_content(folder: Path) -> set[str]:
 
 def dev_sets(task: str, seen: set[str], n: int) -> dict[str, list]:
     """{recipe: samples}: the template-lists development prompts, and content-pool ones whose content
-    has a key outside `seen` (possibly fewer than n)."""
+    has a key outside `seen` (possibly fewer than n). The content prompts use only the hand-written
+    training templates, which both recipes train on (content-pools-v1's family starts with them): the
+    generated paraphrases are the candidate's own training phrasings, and over them the content set
+    would measure which expert knows the phrasing, not the content."""
     t = get_task(task)
-    unseen = [s for s in t.samples(DRAW, SELECT_SEED, "train", "content") if not set(s.content) <= seen]
+    shared = len(t.train_templates)
+    unseen = [s for s in t.samples(DRAW, SELECT_SEED, "train", "content")
+              if s.template < shared and not set(s.content) <= seen]
     return {"template-lists-v0": t.samples(n, SELECT_SEED, "train", "template"), "content-pools-v1": unseen[:n]}
 
 

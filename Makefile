@@ -53,10 +53,12 @@ aims: assets
 	bash scripts/pytest.sh tests -m aim
 
 # the long forms of suites that `make test` runs bounded: tests marked `long` (the servers executor's
-# fault and lifecycle tests), and more prompts per task where MOERGE_TEST_LONG is read
+# fault and lifecycle tests), and more prompts or tasks where MOERGE_TEST_LONG is read (glider-global's
+# routing: 20 prompts per task; the quick evaluation: all 16 tasks)
 test-long: assets
 	MOERGE_TEST_LONG=1 bash scripts/pytest.sh tests -m long
 	MOERGE_TEST_LONG=1 bash scripts/pytest.sh tests/router/test_library_routing.py -k glider_global
+	MOERGE_TEST_LONG=1 bash scripts/pytest.sh tests/eval/test_harness.py -k quick_eval
 
 test-fast: install
 	bash scripts/ensure_chromium.sh

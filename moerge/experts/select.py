@@ -3,9 +3,10 @@
 `moerge experts choose --candidates DIR [--install]`. For each task with a candidate in DIR, both
 adapters answer the same development prompts: the hand-written training templates (both recipes
 train on them) over training content, from both recipes (template-lists-v0 over the template lists,
-content-pools-v1 over the training pool), with a seed no training run or early stop uses. Evaluation templates and the evaluation pool are never
-read. The content development set keeps only prompts with content that neither expert trained on
-(a content key absent from both training sets, regenerated from their manifests): the training pool
+content-pools-v1 over the training pool), with a seed no training run or early stop uses. Evaluation
+templates and the evaluation pool are never read. The content development set keeps only prompts
+with content that neither expert trained on (a content key absent from both training sets,
+regenerated from their manifests): the training pool
 of an entity task is small enough that training covers it all (capital_of: every training country),
 and a development set over it measures memory, not the skill. When fewer than MIN_UNSEEN such
 prompts exist, the content skill cannot be judged on development data and the incumbent stays.

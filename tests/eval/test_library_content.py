@@ -2,7 +2,7 @@
 phrasings no expert trained on. Each expert must beat the base model by at least 30 points.
 
 This is issue 12's aim, and the bundled library does not meet it yet: on the content shift
-(n = 50, docs/results/shifts/report.md) uppercase gains 2 points, sort_numbers 18, count_words 26. The
+(n = 50, docs/results/shifts/report.md) uppercase gains 2 points and sort_numbers 18. The
 test over all 12 is marked `aim`, so `make test` leaves it out and `make aims` runs it (and fails,
 today). `make test` runs the same check on the experts trained for the skill: those whose manifest
 records the content-pools-v1 recipe (docs/TASKS.md), chosen from the manifests, not by name."""

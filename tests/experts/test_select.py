@@ -97,7 +97,7 @@ def test_content_dev_prompts_use_only_the_templates_both_recipes_train_on():
     """content-pools-v1 trains on the hand-written templates plus a generated family; template-lists-v0
     on the hand-written ones only. The content development set uses the hand-written ones, so it does not
     favour the candidate by its own phrasings; every one of them still appears."""
-    from moerge.experts.select import dev_sets
+    from moerge.experts.select import DRAW, dev_sets
     from moerge.tasks import get_task
     for task in ("arith_mul", "uppercase", "number_to_words"):
         t = get_task(task)
@@ -105,6 +105,6 @@ def test_content_dev_prompts_use_only_the_templates_both_recipes_train_on():
         content = dev_sets(task, set(), 48)["content-pools-v1"]
         assert len(content) == 48
         assert {s.prompt for s in content} <= {
-            s.prompt for s in t.samples(6000, 2_000_003, "train", "content")}    # the same generator and seed
+            s.prompt for s in t.samples(DRAW, SELECT_SEED, "train", "content")}    # the same generator and seed
         assert all(s.template < len(t.train_templates) for s in content)
         assert len({s.template for s in content}) >= len(t.train_templates) - 2

@@ -10,7 +10,10 @@ in one submission with hostile requests:
 - other adapters, an all-expert cat merge, a TIES merge of a subset, GLIDER with a huge α;
 - more requests than the engine runs at once (max_num_seqs 32), so victims queue and join running
   batches at different steps.
-The victim's tokens and layer usage (its per-layer routing record) must be identical, bit for bit.
+The victim's tokens must be identical. Its layer usage (its per-layer routing record) must match to
+within USAGE_TOL: fp32 kernels may sum in a different order for a different batch shape, and in CI that
+moved one layer's share across a 4-decimal rounding boundary (0.7256 vs 0.7257). A batch-mate that leaked
+into the victim's gates (every hostile forces arith_add with bias 1e4) would move shares by far more.
 
 vLLM serves base, adapter, token_mixture (arrow, phatgoose, glider with its global bias) and
 static_mixture (linear and cat merges, several pinned experts); the reference engine serves all of
@@ -29,6 +32,7 @@ from moerge.router.base import RoutingDecision, make_router
 
 PARAMS = SamplingParams(max_tokens=10, ignore_eos=True)    # greedy; forced length, so every step is compared
 TOKEN_KINDS = {"token_mixture"}
+USAGE_TOL = 2e-3      # per layer and expert share; the record is rounded to 4 decimals
 
 # victim name -> (what routes it, its prompt)
 VLLM_VICTIMS = {
@@ -168,12 +172,29 @@ def reference_attack(system):
     return _run_attack(system, "reference", REF_VICTIMS, long_tokens=200)
 
 
+def _same_usage(got: dict, want: dict) -> None:
+    assert set(got) == set(want), (sorted(got), sorted(want))
+    for layer, shares in want.items():
+        other = got[layer]
+        for name in set(shares) | set(other):
+            a, b = other.get(name, 0.0), shares.get(name, 0.0)
+            assert abs(a - b) <= USAGE_TOL, (layer, name, a, b)
+
+
+def test_same_usage_tolerates_rounding_and_catches_a_leak():
+    _same_usage({3: {"a": 0.7257, "b": 0.2743}}, {3: {"a": 0.7256, "b": 0.2744}})
+    with pytest.raises(AssertionError):
+        _same_usage({3: {"a": 0.70, "b": 0.28, "arith_add": 0.02}}, {3: {"a": 0.7256, "b": 0.2744}})
+    with pytest.raises(AssertionError):
+        _same_usage({3: {"a": 1.0}}, {3: {"a": 1.0}, 4: {"a": 1.0}})
+
+
 def _check(victim: str, attack):
     plan, alone, together = attack[victim]
     assert plan.kind == EXPECTED_KIND[victim], (victim, plan.kind, plan.fallback)
     assert len(alone.token_ids) == PARAMS.max_tokens
     assert together.token_ids == alone.token_ids, (victim, alone.text, together.text)
-    assert together.layer_usage == alone.layer_usage
+    _same_usage(together.layer_usage, alone.layer_usage)
     if plan.kind in TOKEN_KINDS:       # token-level victims carry a routing record, and it is theirs
         assert set(alone.layer_usage) == set(range(30))
         assert set().union(*alone.layer_usage.values()) <= {e.name for e in plan.experts}

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from moerge.eval.cache import GenerationCache
 from moerge.eval.chain import generate_with_chains
+from moerge.eval.verify import settle_checks
 from moerge.models.generation import SamplingParams
 from moerge.router.base import RoutingDecision, make_router
 from moerge.router.calibrate import ood_split
@@ -46,6 +47,9 @@ def default_methods(quick: bool = False, alphas=(1.0, 3.0, 10.0, 30.0, 100.0)) -
     if not quick:
         # glider-global per step when a request asks for skills in sequence (router/chain.py), else glider-global
         specs.append(MethodSpec("chain", "chain"))
+        # glider-global, with the chosen expert's answer checked: one that hands the request back is
+        # replaced by the base model's (router/verify.py)
+        specs.append(MethodSpec("verify", "verify"))
         # learns from feedback stored in the pool; a fresh evaluation pool has none, so this is its cold
         # start (= glider-global). `moerge eval --feedback-curve` streams feedback first (eval/feedback.py)
         specs.append(MethodSpec("feedback", "feedback", {"explore": False}))
@@ -128,6 +132,9 @@ class Evaluator:
         recs_all = generate_with_chains(self, [s for _, ss, _, _ in rows for s in ss],
                                         [d for _, _, ds, _ in rows for d in ds], [m for _, ss, _, m in rows for _ in ss],
                                         router)
+        # a `verify` decision's answer is checked, and a rejected one answered again by the base model
+        recs_all = settle_checks(self, [s for _, ss, _, _ in rows for s in ss], [d for _, _, ds, _ in rows for d in ds],
+                                 recs_all, [m for _, ss, _, m in rows for _ in ss])
         start = 0
         for task, samples, decisions, _ in rows:
             recs = recs_all[start:start + len(samples)]
@@ -142,6 +149,9 @@ class Evaluator:
                                   for s, r, d in list(zip(samples, recs, decisions))[:3]]}
             right = self.expert_of_task.get(task.name)
             entry["chosen_counts"] = _chosen_counts(decisions)
+            checks = [d.detail["verify"]["status"] for d in decisions if "verify" in (d.detail or {})]
+            if checks:
+                entry["verify"] = {k: checks.count(k) for k in sorted(set(checks))}
             if right and task.held_in:
                 if router.granularity == "sequence":
                     entry["routing_top1"] = sum(bool(d.chosen) and d.chosen[0] == right for d in decisions) / len(decisions)

@@ -94,6 +94,25 @@ def composed_table(report: dict, shift: str | None = None) -> str:
     return "\n".join(lines)
 
 
+def verify_table(report: dict, shift: str | None = None) -> str:
+    """Per task, what `verify` (router/verify.py) did with the expert glider-global chose: rejected (its
+    answer handed the request back; the base model answered), passed, or not run (no expert, or one whose
+    right answers copy the prompt too often to be checked)."""
+    rows = [(label, r) for label, r in _methods(report, shift).items()
+            if any("verify" in v for v in r["tasks"].values())]
+    if not rows:
+        return ""
+    lines = ["| method | task | group | rejected | passed | not run | accuracy |", "|---|---|---|---|---|---|---|"]
+    for label, r in rows:
+        for task, v in r["tasks"].items():
+            counts = v.get("verify", {})
+            not_run = sum(n for k, n in counts.items() if k.startswith("not run"))
+            group = "held-in" if task in HELD_IN else ("held-out" if task in HELD_OUT else "composed")
+            lines.append(f"| {label} | {task} | {group} | {counts.get('rejected', 0)} | {counts.get('passed', 0)} | "
+                         f"{not_run} | {_fmt(v.get('accuracy'))} |")
+    return "\n".join(lines)
+
+
 def per_task_table(report: dict, shift: str | None = None) -> str:
     tasks = report["config"]["tasks"]
     head = "| method | " + " | ".join(tasks) + " |"
@@ -153,6 +172,40 @@ def expert_aims(report: dict) -> list[str]:
     return out
 
 
+def plot_verify(report: dict, path: Path):
+    """Per task and shift, what `verify` did with glider-global's expert: rejected, passed, not run."""
+    shifts = report.get("shifts") or {"": {"methods": report.get("methods", {})}}
+    runs = [(sh, m["verify"]) for sh, m in ((sh, v["methods"]) for sh, v in shifts.items()) if "verify" in m]
+    if not runs:
+        return None
+    tasks = [t for t in report["config"]["tasks"] if any("verify" in r["tasks"].get(t, {}) for _, r in runs)]
+    fig, ax = plt.subplots(figsize=(max(8, 0.75 * len(tasks)), 4.8))
+    width = 0.8 / len(runs)
+    x = np.arange(len(tasks))
+    for k, (shift, r) in enumerate(runs):
+        counts = [r["tasks"].get(t, {}).get("verify", {}) for t in tasks]
+        n = [max(1, sum(c.values())) for c in counts]
+        rej = np.array([100 * c.get("rejected", 0) / m for c, m in zip(counts, n)])
+        ok = np.array([100 * c.get("passed", 0) / m for c, m in zip(counts, n)])
+        pos = x - 0.4 + width * (k + 0.5)
+        hatch = "//" if shift == "content" else ""
+        ax.bar(pos, rej, width, color="C3", hatch=hatch, label=f"rejected: the base model answered ({shift or 'eval'})")
+        ax.bar(pos, ok, width, bottom=rej, color="C2", alpha=0.6, hatch=hatch, label=f"passed ({shift or 'eval'})")
+    ax.set_xticks(x, tasks, rotation=45, ha="right", fontsize=8)
+    for i, t in enumerate(tasks):
+        if t in HELD_OUT:
+            ax.get_xticklabels()[i].set_fontweight("bold")
+    ax.set_ylabel("share of the task's prompts (%); the rest: not run")
+    ax.set_ylim(0, 135)
+    ax.set_yticks(range(0, 101, 20))
+    ax.set_title("verify: the expert's answer checked (held-out tasks in bold)")
+    ax.legend(fontsize=7, ncol=2, loc="upper center")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def plot_shifts(report: dict, path: Path):
     """Per held-in task, template vs content accuracy for base, oracle and glider-global."""
     shifts = report.get("shifts", {})
@@ -191,7 +244,8 @@ def write_report(report: dict, out: Path) -> None:
     plots = [plot_held_in_vs_out(report, out / "held_in_vs_held_out.png"),
              plot_routing_heatmap(report, out / "routing_heatmap.png"),
              plot_layer_mass(report, out / "layer_routing_mass.png"),
-             plot_shifts(report, out / "template_vs_content.png")]
+             plot_shifts(report, out / "template_vs_content.png"),
+             plot_verify(report, out / "verify_checks.png")]
     shifts = list(report.get("shifts", {}))
     cost = report.get("cost", {})
     md = ["# moerge evaluation\n",
@@ -223,6 +277,9 @@ def write_report(report: dict, out: Path) -> None:
             md += [f"\n## Best single expert per held-out task{title}\n", "| task | expert | accuracy |",
                    "|---|---|---|"]
             md += [f"| {t} | {v['expert']} | {_fmt(v['accuracy'])} |" for t, v in bs.items()]
+        checked = verify_table(report, shift)
+        if checked:
+            md += [f"\n## Checked answers (verify){title}\n", checked]
         composed = composed_table(report, shift)
         if composed:
             md += [f"\n## Composed tasks{title}\n", composed]

@@ -22,6 +22,7 @@ from moerge.tasks import HELD_IN, get_task
 
 EVAL_SEED = 20261124     # evaluation paraphrases: never used for training or early stopping
 GATE_SEED = 7
+ANSWERED_PER_SHIFT = 16   # library.json: answered training examples per recipe, per expert
 N_EVAL = 50
 
 SHIFTS = ("template", "content")
@@ -124,8 +125,11 @@ def write_index(library: Path) -> None:
             continue
         t = get_task(task)
         examples = [s.prompt for s in t.samples(5, 99, "train")]
+        # answered examples for `verify` (router/verify.py): training samples of both recipes, never evaluation ones
+        answered = [{"prompt": s.prompt, "answer": s.answer}
+                    for shift in ("template", "content") for s in t.samples(ANSWERED_PER_SHIFT, 98, "train", shift)]
         entries.append({"name": task, "task": task, "description": t.description, "tags": t.tags,
-                        "examples": examples})
+                        "examples": examples, "answered_examples": answered})
     (library / "library.json").write_text(json.dumps({"base_model": BASE_MODEL_ID, "experts": entries},
                                                      indent=2) + "\n")
 

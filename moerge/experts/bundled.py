@@ -23,12 +23,14 @@ def load_bundled(pool, progress=print) -> list[str]:
     added = []
     for entry in library_entries():
         if entry["name"] in have:
+            _backfill(pool, entry)
             continue
         folder = LIBRARY / entry["name"]
         gate = folder / "gate.safetensors"
         try:
             card = pool.register_lora(folder, entry["name"], entry["description"], tags=entry.get("tags", []),
                                       examples=entry.get("examples", []),
+                                      answered_examples=entry.get("answered_examples", []),
                                       extra={"bundled": True, "task": entry.get("task")},
                                       extra_blobs={"gate": gate.read_bytes()} if gate.exists() else None)
         except NameTakenError:  # a replica starting at the same time on the same registry registered it first
@@ -36,3 +38,13 @@ def load_bundled(pool, progress=print) -> list[str]:
         added.append(card.name)
         progress(f"registered bundled expert {card.name}")
     return added
+
+
+def _backfill(pool, entry: dict) -> None:
+    """A bundled expert registered before the library carried answered examples gets them (its routing
+    text and weights are untouched); one the user changed, or that is not the bundled one, is left alone."""
+    card = pool.registry.get(entry["name"])
+    if (card is None or card.answered_examples or not entry.get("answered_examples")
+            or not (card.extra or {}).get("bundled") or card.examples != entry.get("examples", [])):
+        return
+    pool.update(entry["name"], answered_examples=entry["answered_examples"])

@@ -36,6 +36,16 @@ def check_name(name: str) -> str:
     return name
 
 
+MAX_ANSWERED_EXAMPLES = 256
+
+
+class AnsweredExample(BaseModel):
+    """A prompt of the expert's task and the answer the expert should give: what `verify` (router/verify.py)
+    learns from whether this expert's right answers ever hand the request's own text back."""
+    prompt: str = Field(min_length=1, max_length=4000)
+    answer: str = Field(max_length=4000)
+
+
 class ExpertCard(BaseModel):
     name: str
     kind: ExpertKind
@@ -43,6 +53,7 @@ class ExpertCard(BaseModel):
     description: str = ""
     tags: list[str] = Field(default_factory=list)
     examples: list[str] = Field(default_factory=list)
+    answered_examples: list[AnsweredExample] = Field(default_factory=list, max_length=MAX_ANSWERED_EXAMPLES)
     # artifact role -> sha256 digest in the content-addressed store
     # (roles: adapter_config, adapter_weights, arrow, card_embedding, example_embeddings, gate, model_ref)
     artifacts: dict[str, str] = Field(default_factory=dict)

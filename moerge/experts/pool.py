@@ -29,7 +29,9 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from sqlalchemy.exc import IntegrityError
 
-from moerge.experts.card import ExpertCard, check_name
+from pydantic import ValidationError
+
+from moerge.experts.card import MAX_ANSWERED_EXAMPLES, AnsweredExample, ExpertCard, check_name
 from moerge.experts.changes import ChangeListener, PoolChangeFeed
 from moerge.experts.errors import ExpertError, NameTakenError, UnknownExpertError, storage_full
 from moerge.experts.lora import BaseModelSpec, LoraAdapter, load_lora
@@ -39,6 +41,26 @@ from moerge.experts.store import open_store
 from moerge.kernels.arrow import arrow_prototypes
 
 EmbedFn = Callable[[list[str]], np.ndarray]
+
+
+def _answered(rows: list[dict] | None) -> list[AnsweredExample]:
+    """Answered examples from dicts {"prompt", "answer"} (or AnsweredExample), or a clear error."""
+    rows = list(rows or [])
+    if len(rows) > MAX_ANSWERED_EXAMPLES:
+        raise ExpertError(f"{len(rows)} answered examples: at most {MAX_ANSWERED_EXAMPLES} are kept per expert")
+    out = []
+    for i, r in enumerate(rows):
+        if isinstance(r, AnsweredExample):
+            out.append(r)
+            continue
+        try:
+            out.append(AnsweredExample.model_validate(r))
+        except ValidationError as e:
+            err = e.errors()[0]
+            where = ".".join(str(x) for x in err.get("loc", ()))
+            raise ExpertError(f"answered example {i}: {where or 'row'}: {err.get('msg')}; each is "
+                              "{\"prompt\": \"...\", \"answer\": \"...\"}") from None
+    return out
 
 
 def tensors_to_bytes(tensors: dict[str, torch.Tensor]) -> bytes:
@@ -234,7 +256,8 @@ class ExpertPool:
 
     def register_lora(self, folder: Path, name: str, description: str = "", *, tags: list[str] | None = None,
                       examples: list[str] | None = None, extra: dict | None = None,
-                      extra_blobs: dict[str, bytes] | None = None) -> ExpertCard:
+                      extra_blobs: dict[str, bytes] | None = None,
+                      answered_examples: list[dict] | None = None) -> ExpertCard:
         check_name(name)
         self._ensure_free(name)
         folder = Path(folder)
@@ -242,6 +265,7 @@ class ExpertPool:
                                          max_bytes=self.max_upload_bytes)
         card = ExpertCard(name=name, kind="lora", base_model=self.base_spec.model_id,
                           description=description, tags=list(tags or []), examples=list(examples or []),
+                          answered_examples=_answered(answered_examples),
                           rank=adapter.rank, target_modules=adapter.target_modules, extra=dict(extra or {}))
         protos = arrow_prototypes(adapter.weights)
         blobs: dict[str, bytes | Path] = {
@@ -291,10 +315,13 @@ class ExpertPool:
 
     def update(self, name: str, *, description: str | None = None, tags: list[str] | None = None,
                examples: list[str] | None = None, extra: dict | None = None,
-               artifacts: dict[str, bytes] | None = None) -> ExpertCard:
+               artifacts: dict[str, bytes] | None = None,
+               answered_examples: list[dict] | None = None) -> ExpertCard:
         """Change metadata (re-embedding the card) or add artifacts such as a trained gate."""
         old = self.get(name)
         card = old.model_copy(deep=True)
+        if answered_examples is not None:
+            card.answered_examples = _answered(answered_examples)
         if description is not None:
             card.description = description
         if tags is not None:

@@ -14,6 +14,7 @@ from moerge.router.moe_method import MoeRouter
 from moerge.router.oracle import OracleRouter
 from moerge.router.phatgoose import PhatgooseRouter
 from moerge.router.retrieval import RetrievalRouter
+from moerge.router.verify import VerifyRouter
 
 METHODS: dict[str, type[Router]] = {cls.name: cls for cls in (
     BaseRouter, OracleRouter, RetrievalRouter, EmbedRouter, GliderGlobalRouter,
@@ -21,3 +22,4 @@ METHODS: dict[str, type[Router]] = {cls.name: cls for cls in (
     FeedbackRouter, MoeRouter, JointRouter,
 )}
 METHODS[ChainRouter.name] = ChainRouter     # wraps a sequence router: one step per skill asked for
+METHODS[VerifyRouter.name] = VerifyRouter   # wraps a sequence router: checks the expert's answer

@@ -31,6 +31,8 @@ class ExpertPatch(BaseModel):
     description: Optional[str] = None
     tags: Optional[list[str]] = None
     examples: Optional[list[str]] = None
+    # [{"prompt", "answer"}]: what `verify` checks the expert's answers against (router/verify.py)
+    answered_examples: Optional[list[dict]] = None
 
 
 class ModelExpertBody(BaseModel):
@@ -160,7 +162,7 @@ def build_router(runtime, keys) -> APIRouter:
     async def patch(name: str, body: ExpertPatch, request: Request):
         keys.admin_call(request.headers.get("authorization"))
         card = await run_in_threadpool(runtime.pool.update, name, description=body.description, tags=body.tags,
-                                       examples=body.examples)
+                                       examples=body.examples, answered_examples=body.answered_examples)
         return card_json(card)
 
     @api.delete("/v1/experts/{name}")

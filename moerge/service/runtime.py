@@ -7,10 +7,11 @@ from contextlib import aclosing
 from dataclasses import dataclass, field
 
 from moerge.experts.errors import ExpertError, UnknownExpertError
-from moerge.models.generation import Generation, SamplingParams
+from moerge.models.generation import Generation, SamplingParams, StreamDelta
 from moerge.plan import ExecutionPlan
 from moerge.router.base import ExpertScore, RoutingDecision, make_router, method_names, query_text
 from moerge.router.chain import is_chain
+from moerge.router.verify import judge, pending
 from moerge.service import chain as chain_run
 from moerge.startup import System
 
@@ -118,6 +119,11 @@ class Runtime:
             messages = chain_run.run_before_last(self.system, self.router(rp.method), messages, params, rp.decision)
             rp.execution = chain_run.last_step_plan(self.system, rp.decision)
         gen, rp.execution = self.system.generate(messages, params, rp.execution)
+        if pending(rp.decision) and judge(rp.decision, query_text(messages), gen.text):
+            first = gen      # the expert handed the request back: the base model answers (router/verify.py);
+            # usage counts the reply's tokens, the routing record the expert's
+            gen, rp.execution = self.system.generate(messages, params, self.system.plan(rp.decision))
+            rp.decision.detail["verify"]["expert_completion_tokens"] = first.completion_tokens
         rp.layer_usage = gen.layer_usage
         if is_chain(rp.decision):
             chain_run.record_last(rp.decision, gen.text, rp.execution)
@@ -127,6 +133,9 @@ class Runtime:
         if is_chain(rp.decision):      # the steps before the last run first; the last one streams
             messages = chain_run.run_before_last(self.system, self.router(rp.method), messages, params, rp.decision)
             rp.execution = chain_run.last_step_plan(self.system, rp.decision)
+        if pending(rp.decision):       # the answer is checked before any of it is sent: one delta, then the end
+            yield from _as_deltas(self.generate(messages, params, rp))
+            return
         it, rp.execution = self.system.stream(messages, params, rp.execution)
         for delta in it:
             if delta.layer_usage:
@@ -138,6 +147,10 @@ class Runtime:
             messages = await chain_run.arun_before_last(self.system, self.router(rp.method), messages, params, rp.decision)
             rp.execution = chain_run.last_step_plan(self.system, rp.decision)
         gen, rp.execution = await self.system.agenerate(messages, params, rp.execution)
+        if pending(rp.decision) and judge(rp.decision, query_text(messages), gen.text):
+            first = gen
+            gen, rp.execution = await self.system.agenerate(messages, params, self.system.plan(rp.decision))
+            rp.decision.detail["verify"]["expert_completion_tokens"] = first.completion_tokens
         rp.layer_usage = gen.layer_usage
         if is_chain(rp.decision):
             chain_run.record_last(rp.decision, gen.text, rp.execution)
@@ -149,6 +162,10 @@ class Runtime:
         if is_chain(rp.decision):
             messages = await chain_run.arun_before_last(self.system, self.router(rp.method), messages, params, rp.decision)
             rp.execution = chain_run.last_step_plan(self.system, rp.decision)
+        if pending(rp.decision):       # the answer is checked before any of it is sent: one delta, then the end
+            for delta in _as_deltas(await self.agenerate(messages, params, rp)):
+                yield delta
+            return
         it, rp.execution = await self.system.astream(messages, params, rp.execution)
         text = []
         async with aclosing(it):
@@ -160,3 +177,8 @@ class Runtime:
                     if delta.finish_reason:
                         chain_run.record_last(rp.decision, "".join(text), rp.execution)
                 yield delta
+
+
+def _as_deltas(gen: Generation):
+    yield StreamDelta(gen.text)
+    yield StreamDelta("", gen.finish_reason, gen.prompt_tokens, gen.completion_tokens, layer_usage=gen.layer_usage)

@@ -13,7 +13,6 @@ import pytest
 from moerge.eval.harness import EVAL_SEED
 from moerge.router.base import make_router
 from moerge.tasks import get_task
-from tests.service.test_openai_client import ServerThread
 
 # (prompt, expected answer, composed task whose scorer applies, the two experts in order)
 COMPOSED_PROMPTS = [
@@ -28,19 +27,9 @@ COMPOSED_PROMPTS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def served(real_settings, tmp_path_factory):
-    from moerge.experts.bundled import library_entries
-    from moerge.service.app import create_app
-    from moerge.service.runtime import Runtime
-    from moerge.startup import start
-    assert len(library_entries()) == 12, "the bundled library is incomplete: run `moerge experts build`"
-    system = start(real_settings, executor="reference", pool_dir=tmp_path_factory.mktemp("chainpool"), bundled=True,
-                   progress=lambda m: None)
-    runtime = Runtime(system)
-    with ServerThread(create_app(runtime)) as url:
-        yield url, runtime
-    system.shutdown()
+@pytest.fixture
+def served(served_library):
+    return served_library
 
 
 def _chat(url, model, prompt, max_tokens=24):

@@ -96,8 +96,9 @@ class VerifyRouter(Router):
     def fit(self, ctx):
         self.ctx = ctx
         self.base = make_router(self.router_name, ctx, **self.options)
-        if self.base.granularity != "sequence":
-            raise ValueError(f"verify checks one expert's answer; {self.router_name!r} is not a sequence router")
+        if self.base.granularity != "sequence" or self.base.name in ("chain", "verify"):
+            raise ValueError(f"verify checks the answer of the one expert a sequence router chose; "
+                             f"{self.router_name!r} is not such a router")
         return self
 
     def checks_for(self, name: str) -> tuple[list[str], dict[str, str]]:

@@ -166,3 +166,10 @@ def test_answered_examples_are_validated_and_a_bad_one_changes_nothing(tiny_pool
     assert tiny_pool.names() == ["loud"]
     tiny_pool.update("loud", answered_examples=[{"prompt": "Make loud: c", "answer": "C"}] * 2)
     assert len(tiny_pool.get("loud").answered_examples) == 2
+
+
+@pytest.mark.parametrize("wrapped", ["chain", "verify", "arrow"])
+def test_verify_wraps_only_a_router_that_chooses_one_expert(wrapped):
+    ctx = _Ctx([])
+    with pytest.raises(ValueError, match="not such a router"):
+        VerifyRouter(router=wrapped).fit(ctx)

@@ -435,6 +435,9 @@ def eval_cmd(
     every: int = typer.Option(5, "--every", help="--feedback-curve: measure after every this many feedbacks"),
     explore_k: int = typer.Option(3, "--explore-k", help="--feedback-curve: the feedback router explores the "
                                   "wrapped router's top k experts plus base (0: every expert)"),
+    best_single: bool = typer.Option(True, "--best-single/--no-best-single",
+                                     help="search the best single expert per held-out and composed task "
+                                     "(every expert on every such prompt; off with --quick)"),
 ) -> None:
     """Evaluate routing methods side by side (or an OpenAI-compatible endpoint)."""
     if feedback_curve:
@@ -475,7 +478,7 @@ def eval_cmd(
                                 moe=any(s.method == "moe" for s in specs), joint=any(s.method == "joint" for s in specs))
     try:
         report = evaluate(system, methods=specs, tasks=task_list, n=n, out=out,
-                          cache_path=out / "generations.sqlite", namespace=namespace, with_best_single=not quick,
+                          cache_path=out / "generations.sqlite", namespace=namespace, with_best_single=best_single and not quick,
                           shifts=shifts)
     finally:
         system.shutdown()

@@ -173,3 +173,16 @@ def test_verify_wraps_only_a_router_that_chooses_one_expert(wrapped):
     ctx = _Ctx([])
     with pytest.raises(ValueError, match="not such a router"):
         VerifyRouter(router=wrapped).fit(ctx)
+
+
+def test_a_bundled_card_from_before_answered_examples_gets_them_and_a_changed_one_does_not(tiny_pool, tiny_adapter):
+    from moerge.experts.bundled import _backfill
+    rows = [{"prompt": "Make loud: a b", "answer": "A B"}]
+    for name, examples in (("old", ["Make loud: x"]), ("edited", ["my own example"])):
+        tiny_pool.register_lora(tiny_adapter, name, "upper-cases text", examples=examples, extra={"bundled": True})
+    tiny_pool.register_lora(tiny_adapter, "mine", "upper-cases text", examples=["Make loud: x"])   # not bundled
+    for name in ("old", "edited", "mine"):
+        _backfill(tiny_pool, {"name": name, "examples": ["Make loud: x"], "answered_examples": rows})
+    assert [a.answer for a in tiny_pool.get("old").answered_examples] == ["A B"]
+    assert tiny_pool.get("old").examples == ["Make loud: x"]
+    assert tiny_pool.get("edited").answered_examples == [] and tiny_pool.get("mine").answered_examples == []

@@ -155,6 +155,12 @@ class System:
         params = SamplingParams(max_tokens=max_tokens, stop=["\n"])
         return self.executor(plan).generate(messages, params, plan).text
 
+    def complete_many(self, messages: list[list[dict]], max_tokens: int) -> list[str]:
+        """`complete` for many conversations in one engine call (batched on every engine)."""
+        plan = self.plan(None)
+        params = SamplingParams(max_tokens=max_tokens, stop=["\n"])
+        return [g.text for g in self.generate_many([self.encode(m) for m in messages], params, [plan] * len(messages))]
+
     def describe(self) -> dict:
         return {"engines": [ex.describe() for ex in self.local],
                 "remote": self.remote.describe() if self.remote is not None else None}
@@ -263,5 +269,6 @@ def start(settings: Settings, *, executor: str | None = None, pool_dir=None, bun
     if with_router:
         from moerge.router.factory import build_context
         system.router_ctx = build_context(pool, system.complete if with_writer else None,
-                                          embedder_path=str(assets.embedder))
+                                          embedder_path=str(assets.embedder),
+                                          complete_many=system.complete_many if with_writer else None)
     return system

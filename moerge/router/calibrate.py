@@ -52,6 +52,8 @@ def calibrate(ctx, ood_prompts: list[str], methods=SEQUENCE_METHODS) -> Calibrat
     cal = Calibration(thresholds={}, detail={})
     in_prompts = in_domain_prompts(ctx.pool)
     out_prompts = ood_split(ood_prompts, "calibration")
+    if ctx.instruction_writer is not None and "glider-global" in methods:
+        ctx.instruction_writer.prime(in_prompts + out_prompts)     # one batched engine call, not one per prompt
     for m in methods:
         router = make_router(m, ctx, use_calibration=False)
         ins = [router.route(q).experts[0].score for q in in_prompts]

@@ -29,8 +29,10 @@ class InstructionWriter:
     """`complete(messages, max_tokens) -> text` is the base model on the serving engine (greedy), so
     concurrent uncached routings share the engine's batches and no second copy of the model loads."""
 
-    def __init__(self, complete: Callable[[list[dict], int], str], max_new_tokens: int = 24, cache_size: int = 4096):
+    def __init__(self, complete: Callable[[list[dict], int], str], max_new_tokens: int = 24, cache_size: int = 4096,
+                 complete_many: Callable[[list[list[dict]], int], list[str]] | None = None):
         self.complete = complete
+        self.complete_many = complete_many
         self.max_new_tokens = max_new_tokens
         self._cache: OrderedDict[str, str] = OrderedDict()
         self.cache_size = cache_size
@@ -46,8 +48,30 @@ class InstructionWriter:
         return msgs
 
     def _generate(self, query: str) -> str:
-        text = self.complete(self._messages(query), self.max_new_tokens).strip()
-        return text.split("\n")[0].strip()
+        return _first_line(self.complete(self._messages(query), self.max_new_tokens))
+
+    def prime(self, queries: list[str]) -> int:
+        """Write the instructions of every uncached query in one engine call (`complete_many`: batched on
+        any engine), so the routings after it are cache hits; the number written. Each is the text one
+        `write` would give (greedy, the same prompt)."""
+        with self._lock:
+            first: dict[str, str] = {}       # one query per cache key
+            for q in queries:
+                first.setdefault(normalise_query(q), q)
+            todo = [q for k, q in first.items() if k not in self._cache]
+        if not todo:
+            return 0
+        if self.complete_many is None:
+            texts = [self._generate(q) for q in todo]
+        else:
+            texts = [_first_line(t) for t in self.complete_many([self._messages(q) for q in todo], self.max_new_tokens)]
+        with self._lock:
+            for q, text in zip(todo, texts):
+                self.misses += 1
+                self._cache[normalise_query(q)] = text
+            while len(self._cache) > self.cache_size:
+                self._cache.popitem(last=False)
+        return len(todo)
 
     def write(self, query: str) -> tuple[str, bool]:
         """(instruction, was_cached)."""
@@ -68,3 +92,7 @@ class InstructionWriter:
     def clear(self) -> None:
         with self._lock:
             self._cache.clear()
+
+
+def _first_line(text: str) -> str:
+    return text.strip().split("\n")[0].strip()

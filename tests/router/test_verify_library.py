@@ -31,10 +31,15 @@ OWN_TASKS = [     # (prompt, its expert)
     ("What is 120 plus 45?", "arith_add"),
 ]
 
+SENTIMENT = "Is this review positive or negative? The kettle broke on day one."
+
 
 @pytest.fixture
 def served(served_library):
-    return served_library[0]
+    url, runtime = served_library
+    # glider-global's instructions for this module's prompts, written in one batched engine call
+    runtime.router_ctx.instruction_writer.prime([p for p, _ in NEAR_MISSES + OWN_TASKS] + [SENTIMENT])
+    return url
 
 
 def _reply(body) -> str:
@@ -84,7 +89,7 @@ def test_a_request_the_expert_does_passes_the_check_and_keeps_its_answer(served)
 
 @pytest.mark.real
 def test_a_check_the_experts_right_answers_fail_is_skipped(served):
-    body = _chat(served, "moerge:verify", "Is this review positive or negative? The kettle broke on day one.")
+    body = _chat(served, "moerge:verify", SENTIMENT)
     check = body["moerge"]["detail"]["verify"]
     assert check["expert"] == "sentiment" and "too often" in check["skipped"]["copy"]   # "positive" is offered
     assert check["checks"] == ["shape"] and check["status"] == "passed"

@@ -25,11 +25,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from pydantic import ValidationError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from sqlalchemy.exc import IntegrityError
-
-from pydantic import ValidationError
 
 from moerge.experts.card import MAX_ANSWERED_EXAMPLES, AnsweredExample, ExpertCard, check_name
 from moerge.experts.changes import ChangeListener, PoolChangeFeed

@@ -40,13 +40,17 @@ def _flat(text: str) -> str:
     return " ".join(text.split())
 
 
-def copies(request: str, answer: str, min_chars: int = MIN_COPY_CHARS) -> bool:
-    """True when the answer, without surrounding quotes, punctuation and whitespace, is a span of the
-    request, matched case-sensitively on word boundaries, with at least `min_chars` letters or digits."""
+def _core(answer: str, min_chars: int) -> str | None:
+    """The answer without surrounding quotes, punctuation and whitespace; None below `min_chars` letters
+    or digits (too short to say anything)."""
     a = _flat(answer).strip(_EDGE)
-    if sum(c.isalnum() for c in a) < min_chars:
-        return False
-    return re.search(rf"(?<![0-9A-Za-z]){re.escape(a)}(?![0-9A-Za-z])", _flat(request)) is not None
+    return a if sum(c.isalnum() for c in a) >= min_chars else None
+
+
+def copies(request: str, answer: str, min_chars: int = MIN_COPY_CHARS) -> bool:
+    """True when the answer's core is a span of the request, matched case-sensitively on word boundaries."""
+    a = _core(answer, min_chars)
+    return a is not None and re.search(rf"(?<![0-9A-Za-z]){re.escape(a)}(?![0-9A-Za-z])", _flat(request)) is not None
 
 
 def shape(text: str) -> str:
@@ -65,8 +69,8 @@ def shape(text: str) -> str:
 def shape_copies(request: str, answer: str, min_chars: int = MIN_COPY_CHARS) -> bool:
     """True when the answer's form has a digit or a punctuation mark besides a lone number, and is the form
     of a span of the request, on form boundaries."""
-    a = _flat(answer).strip(_EDGE)
-    if sum(c.isalnum() for c in a) < min_chars:
+    a = _core(answer, min_chars)
+    if a is None:
         return False
     s = shape(a)
     if len(s) < 3 or not re.search(r"[^Xx ]", s) or set(s) <= {"d"}:

@@ -54,7 +54,7 @@ aims: assets
 
 # the long forms of suites that `make test` runs bounded: tests marked `long` (the servers executor's
 # fault and lifecycle tests), and more prompts or tasks where MOERGE_TEST_LONG is read (glider-global's
-# routing: 20 prompts per task; the quick evaluation: all 16 tasks)
+# routing: 20 prompts per task; the quick evaluation: all 16 tasks, then again over its generation cache)
 test-long: assets
 	MOERGE_TEST_LONG=1 bash scripts/pytest.sh tests -m long
 	MOERGE_TEST_LONG=1 bash scripts/pytest.sh tests/router/test_library_routing.py -k glider_global

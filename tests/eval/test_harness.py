@@ -28,9 +28,9 @@ def test_plan_signature_separates_plans_and_merges_equal_ones():
                                             bias=(0.0, 1.0), top_k=1).signature()
 
 
-# `make test` runs the quick evaluation on six tasks (four held-in: numbers, text, a fact, a format; two
+# `make test` runs the quick evaluation on four tasks (three held-in: numbers, text, a format; one
 # held-out) to keep within the CI budget; `make test-long` runs it on all 16
-BOUNDED_TASKS = ("arith_add", "uppercase", "capital_of", "date_iso_to_us", "arith_sub", "lowercase")
+BOUNDED_TASKS = ("arith_add", "uppercase", "date_iso_to_us", "lowercase")
 
 
 @pytest.mark.real
@@ -65,7 +65,10 @@ def test_quick_eval_writes_report_tables_and_plots(tmp_path, real_settings):
         assert (out / png).stat().st_size > 10_000
     md = (out / "report.md").read_text()
     assert "| glider-global |" in md and "held-out" in md
-    # a second run is served from the generation cache
+    # a second run is served from the generation cache (an interrupted evaluation resumes): `make test-long`;
+    # the bounded form leaves it out, as it starts the engines again (about 50 s of the test's 176 s here)
+    if not os.environ.get("MOERGE_TEST_LONG"):
+        return
     proc = subprocess.run([sys.executable, "-m", "moerge.cli", "eval", "--quick", "--out", str(out),
                            "--methods", "oracle", "--shift", "template", *args], env=env, capture_output=True, text=True,
                           timeout=600)

@@ -183,6 +183,9 @@ def experts_build(
                              "its manifest in the library records: rebuilds the bundled library as committed) | "
                              "template-lists-v0 (the first release's) | content-pools-v1 (paraphrase families over "
                              "the training pools, docs/TASKS.md)"),
+    steps: Optional[int] = typer.Option(None, "--steps", min=1, help="the step budget (default: the task's, "
+                                        "moerge/experts/build.py; the dev early stop still applies); needs a named "
+                                        "--data recipe"),
 ) -> None:
     """Train the expert library: one LoRA + PHATGOOSE gate per held-in task (resumable)."""
     from moerge.experts.bundled import LIBRARY
@@ -195,6 +198,8 @@ def experts_build(
         if out:
             args += ["--out", str(out)]
         args += ["--data", data]
+        if steps is not None:
+            args += ["--steps", str(steps)]
         with open(log_file, "ab") as fh:
             proc = subprocess.Popen(args, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
         console.print(f"building in the background: pid {proc.pid}, log {log_file}")
@@ -202,7 +207,7 @@ def experts_build(
     from moerge.assets import ensure_base_model
     from moerge.experts.build import build_library
     base = ensure_base_model(get_settings())
-    build_library(base, out or LIBRARY, tasks, log=lambda m: print(m, flush=True), data=data)
+    build_library(base, out or LIBRARY, tasks, log=lambda m: print(m, flush=True), data=data, steps=steps)
 
 
 @experts_app.command("choose")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -82,8 +83,30 @@ def _expert_accuracy(base_dir: Path, adapter_dir: Path, task: str) -> tuple[dict
     return accs, shown
 
 
-def build_expert(base_dir: Path, task: str, out: Path, log=print, data: str = "template-lists-v0") -> dict:
-    cfg = default_config(task, data)
+def recorded_config(folder: Path) -> TrainConfig | None:
+    """The training config an expert's manifest records (what `--data recorded` rebuilds), or None."""
+    try:
+        cfg = dict(json.loads((folder / "manifest.json").read_text())["config"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    cfg.pop("threads", None)
+    cfg["targets"] = tuple(cfg.get("targets", ()))
+    try:
+        return TrainConfig(**cfg)
+    except TypeError:          # a manifest from a version with other config fields
+        return None
+
+
+def build_expert(base_dir: Path, task: str, out: Path, log=print, data: str = "template-lists-v0",
+                 steps: int | None = None, cfg: TrainConfig | None = None) -> dict:
+    """Train one expert into `out` (skipped when its manifest matches the config). `cfg` (a recorded
+    config) wins over `data` and `steps`; `steps` overrides the task's default step budget."""
+    if cfg is None:
+        cfg = default_config(task, data)
+        if steps is not None:
+            if steps < 1:
+                raise ValueError(f"steps must be at least 1, not {steps}")
+            cfg = replace(cfg, steps=steps)
     manifest_path = out / "manifest.json"
     if manifest_path.exists() and (out / "gate.safetensors").exists():
         manifest = json.loads(manifest_path.read_text())
@@ -143,11 +166,12 @@ def recorded_recipe(folder: Path) -> str:
 
 
 def build_library(base_dir: Path, library: Path, tasks: list[str] | None = None, log=print,
-                  data: str = "recorded") -> list[dict]:
+                  data: str = "recorded", steps: int | None = None) -> list[dict]:
     """Train every expert first, then measure the base model on the same samples and record it in
-    each manifest next to the expert's accuracy. `data` "recorded": each expert in the recipe its
-    manifest in `library` records (so the bundled library rebuilds as committed, each expert skipped
-    when it is up to date), template-lists-v0 for a new one; or one recipe for all."""
+    each manifest next to the expert's accuracy. `data` "recorded": each expert with the training
+    config its manifest in `library` records (recipe, steps, rank: so the bundled library rebuilds as
+    committed, each expert skipped when it is up to date), template-lists-v0 for a new one; or one
+    recipe for all, with the task's default step budget or `steps`."""
     if data != "recorded" and data not in RECIPES:
         raise ValueError(f"unknown data recipe {data!r}; recipes are recorded, {', '.join(RECIPES)}")
     tasks = tasks or list(HELD_IN)
@@ -156,9 +180,18 @@ def build_library(base_dir: Path, library: Path, tasks: list[str] | None = None,
             raise ValueError(f"{t} is a held-out task: it gets no expert")
     library.mkdir(parents=True, exist_ok=True)
     manifests = []
+    if data == "recorded" and steps is not None:
+        raise ValueError("--steps trains with a given budget; with --data recorded each expert's budget is "
+                         "the one its manifest records: name a recipe")
     for task in tasks:
-        recipe = recorded_recipe(library / task) if data == "recorded" else data
-        manifests.append(build_expert(base_dir, task, library / task, log, recipe))
+        if data == "recorded":
+            cfg = recorded_config(library / task)
+            if cfg is not None and cfg.task != task:
+                raise ValueError(f"{library / task}/manifest.json records task {cfg.task!r}, not {task!r}")
+            manifests.append(build_expert(base_dir, task, library / task, log, recorded_recipe(library / task),
+                                          cfg=cfg))
+        else:
+            manifests.append(build_expert(base_dir, task, library / task, log, data, steps=steps))
         write_index(library)
     fresh = [(t, m) for t, m in zip(tasks, manifests) if isinstance(m["accuracy"].get("expert"), dict)]
     if fresh:       # experts built by this version record both shifts; measure the base model on the same samples

@@ -117,12 +117,48 @@ def accuracy(task_name: str, model, tok, samples, max_new_tokens: int = 40) -> t
     return sum(task.score(p, s.answer) for p, s in zip(preds, samples)) / max(1, len(samples)), preds
 
 
-def train_step(model, batch: dict, opt, params: list, lr: float) -> float:
-    """One optimiser step at `lr` (bf16 autocast where the CPU has native bf16, gradient norm clipped to 1); the loss, rounded."""
+def shared_prefix_len(batch: dict) -> int:
+    """How many leading tokens every row of `batch` shares, stopping before the first learned token
+    (so the hidden state that predicts it is computed per row)."""
+    ids, labels = batch["input_ids"], batch["labels"]
+    same = (ids == ids[:1]).all(dim=0)
+    common = int(same.long().cumprod(0).sum())
+    first_label = int((labels != -100).float().argmax(dim=1).min())
+    return max(0, min(common, first_label - 1))
+
+
+def answer_loss(model, batch: dict) -> torch.Tensor:
+    """The causal-LM loss over the learned tokens (mean, as `model(**batch).loss`), computed with less work:
+    - the prefix every row shares (the chat template's system turn) runs once, and its keys and values
+      are repeated for the batch; gradients flow through it once;
+    - the vocabulary projection runs only where a token is learned (the answer), not at every position.
+
+    `model` is a causal LM with `.model` (the decoder) and `.lm_head`, peft-wrapped or not.
+    tests/experts/test_training.py checks it against `model(**batch).loss` and its gradients."""
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    ids, labels, mask = batch["input_ids"], batch["labels"], batch["attention_mask"]
+    rows, width = ids.shape
+    p = shared_prefix_len(batch)
+    cache = None
+    if p > 0:
+        cache = lm.model(input_ids=ids[:1, :p], use_cache=True).past_key_values
+        cache.batch_repeat_interleave(rows)
+    positions = torch.arange(p, width).unsqueeze(0).expand(rows, -1)
+    hidden = lm.model(input_ids=ids[:, p:], attention_mask=mask, position_ids=positions, past_key_values=cache,
+                      use_cache=cache is not None).last_hidden_state            # [rows, width - p, d]
+    target = labels[:, p + 1:]                                                  # the token each position predicts
+    learned = target != -100
+    logits = lm.lm_head(hidden[:, :-1][learned])                                # [learned tokens, vocab]
+    return torch.nn.functional.cross_entropy(logits.float(), target[learned])
+
+
+def train_step(model, batch: dict, opt, params: list, lr: float, loss_fn=None) -> float:
+    """One optimiser step at `lr` (bf16 autocast where the CPU has native bf16, gradient norm clipped to 1); the loss, rounded.
+    `loss_fn(model, batch)` defaults to the model's own loss."""
     for g in opt.param_groups:
         g["lr"] = lr
     with autocast():
-        loss = model(**batch).loss
+        loss = loss_fn(model, batch) if loss_fn else model(**batch).loss
     loss.backward()
     torch.nn.utils.clip_grad_norm_(params, 1.0)
     opt.step()
@@ -234,7 +270,7 @@ def train_lora(base_dir: Path, cfg: TrainConfig, out: Path, *, base_model_id: st
         if stopped_early:
             break
         batch = collate(encoded[step * cfg.batch_size:(step + 1) * cfg.batch_size], tok.pad_token_id)
-        losses.append(train_step(peft_model, batch, opt, params, _lr_at(step, cfg)))
+        losses.append(train_step(peft_model, batch, opt, params, _lr_at(step, cfg), answer_loss))
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
         done = step + 1
         if done % cfg.eval_every == 0 and done < cfg.steps:
@@ -252,6 +288,7 @@ def train_lora(base_dir: Path, cfg: TrainConfig, out: Path, *, base_model_id: st
         "fingerprint": cfg.fingerprint(), "steps_run": len(losses), "stopped_early": stopped_early,
         "train_templates": task.templates("train", shift), "loss_curve": losses, "dev_evals": evals,
         "train_seconds_this_run": round(time.time() - t0, 1),
+        "loss": "answer_loss: mean cross-entropy over the answer tokens; the shared chat prefix run once per batch",
         "torch": torch.__version__, "compute_dtype": resolve_dtype(), "adapter_bytes": (out / "adapter_model.safetensors").stat().st_size,
         "adapter_sha256": hashlib.sha256((out / "adapter_model.safetensors").read_bytes()).hexdigest(),
     }

@@ -57,12 +57,23 @@ def test_a_candidate_for_a_task_the_library_lacks_is_refused(tmp_path, base_mode
 def test_build_rebuilds_each_expert_in_its_recorded_recipe_and_skips_the_committed_library(tmp_path, base_model_dir):
     """`moerge experts build` on the committed library trains nothing: every manifest's fingerprint is
     the config of the recipe it records (a mixed library: some experts content-pools-v1, some not)."""
-    from moerge.experts.build import build_library, recorded_recipe
+    from dataclasses import replace
+
+    from moerge.experts.build import build_library, default_config, recorded_config, recorded_recipe
     from moerge.tasks import HELD_IN
     lib = tmp_path / "library"
     shutil.copytree(LIBRARY, lib)
     recipes = {t: recorded_recipe(lib / t) for t in HELD_IN}
     assert set(recipes.values()) <= {"template-lists-v0", "content-pools-v1"}
+    # an expert trained with another step budget than its task's default (`experts build --steps`) is
+    # rebuilt with the budget its manifest records: up to date here, not retrained at the default
+    m = json.loads((lib / "km_to_m" / "manifest.json").read_text())
+    cfg = recorded_config(lib / "km_to_m")
+    assert cfg is not None and cfg.fingerprint() == m["fingerprint"]
+    m["config"]["steps"] = cfg.steps + 500
+    m["fingerprint"] = replace(cfg, steps=cfg.steps + 500).fingerprint()
+    assert m["fingerprint"] != default_config("km_to_m", recipes["km_to_m"]).fingerprint()
+    (lib / "km_to_m" / "manifest.json").write_text(json.dumps(m, indent=2) + "\n")
     before = tree_snapshot(lib)
     logs: list[str] = []
     build_library(base_model_dir, lib, log=logs.append)
@@ -70,6 +81,9 @@ def test_build_rebuilds_each_expert_in_its_recorded_recipe_and_skips_the_committ
     assert tree_snapshot(lib) == before
     with pytest.raises(ValueError, match="unknown data recipe"):
         build_library(base_model_dir, lib, log=logs.append, data="everything")
+    with pytest.raises(ValueError, match="name a recipe"):
+        build_library(base_model_dir, lib, log=logs.append, steps=10)
+    assert tree_snapshot(lib) == before
 
 
 def test_content_dev_prompts_are_only_those_with_content_training_never_saw(tmp_path):

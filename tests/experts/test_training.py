@@ -64,3 +64,49 @@ def test_gate_training_moves_only_the_gates(tiny_chat_base, tmp_path):
     assert all(float(v.abs().sum()) > 0 for v in out["gates"].values())
     for k, (a, b) in adapter.weights.items():
         assert torch.equal(a, before[k][0]) and torch.equal(b, before[k][1])
+
+
+def _lora_and_batch(base_dir, rows: int = 6):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from moerge.tasks import get_task
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    peft_model = get_peft_model(model, LoraConfig(r=2, lora_alpha=4, target_modules=list(training.ALL_LINEAR),
+                                                  task_type="CAUSAL_LM"))
+    for n, p in peft_model.named_parameters():        # non-zero B, so LoRA changes the shared prefix too
+        if p.requires_grad:
+            torch.nn.init.normal_(p, std=0.05)
+    tok = training.load_tokenizer(base_dir)
+    samples = get_task("reverse_words").samples(rows, 3, "train", "content")
+    batch = training.collate([training.encode_example(tok, s.prompt, s.answer) for s in samples], tok.pad_token_id)
+    return peft_model, batch
+
+
+@pytest.mark.real
+def test_answer_loss_equals_the_models_own_loss_and_gradients(base_model_dir):
+    """The fast loss (shared chat prefix run once, vocabulary only where an answer token is learned) is the
+    same loss with the same gradients as the model's own forward, on the real base model."""
+    model, batch = _lora_and_batch(base_model_dir)
+    assert training.shared_prefix_len(batch) > 10            # the system turn is shared
+    params = [p for p in model.parameters() if p.requires_grad]
+    slow = model(**batch).loss
+    slow_grads = torch.autograd.grad(slow, params)
+    fast = training.answer_loss(model, batch)
+    fast_grads = torch.autograd.grad(fast, params)
+    assert torch.allclose(fast, slow, rtol=1e-5, atol=1e-5), (float(fast), float(slow))
+    worst = max(float((f - s).abs().max() / (s.abs().max() + 1e-12)) for f, s in zip(fast_grads, slow_grads))
+    assert worst < 1e-4, worst
+
+
+def test_shared_prefix_stops_before_the_first_learned_token():
+    ids = torch.tensor([[1, 2, 3, 4, 5, 6], [1, 2, 3, 4, 5, 7]])
+    labels = torch.full_like(ids, -100)
+    labels[0, 3:] = ids[0, 3:]       # row 0 learns from position 3: its prediction comes from position 2
+    labels[1, 5:] = ids[1, 5:]
+    batch = {"input_ids": ids, "labels": labels, "attention_mask": torch.ones_like(ids)}
+    assert training.shared_prefix_len(batch) == 2
+    labels[0, 3:] = -100
+    labels[0, 5:] = ids[0, 5:]
+    assert training.shared_prefix_len(batch) == 4       # all five shared, but position 4 predicts a learned token

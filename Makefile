@@ -54,11 +54,13 @@ aims: assets
 
 # the long forms of suites that `make test` runs bounded: tests marked `long` (the servers executor's
 # fault and lifecycle tests), and more prompts or tasks where MOERGE_TEST_LONG is read (glider-global's
-# routing: 20 prompts per task; the quick evaluation: all 16 tasks, then again over its generation cache)
+# routing: 20 prompts per task; the quick evaluation: all 16 tasks, then again over its generation cache;
+# the schemathesis fuzz: 50 examples per operation and mode, not 25)
 test-long: assets
 	MOERGE_TEST_LONG=1 bash scripts/pytest.sh tests -m long
 	MOERGE_TEST_LONG=1 bash scripts/pytest.sh tests/router/test_library_routing.py -k glider_global
 	MOERGE_TEST_LONG=1 bash scripts/pytest.sh tests/eval/test_harness.py -k quick_eval
+	MOERGE_TEST_LONG=1 bash scripts/pytest.sh tests/service/test_fuzz.py
 
 test-fast: install
 	bash scripts/ensure_chromium.sh

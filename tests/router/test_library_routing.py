@@ -10,6 +10,7 @@ import torch
 from moerge.eval.harness import EVAL_SEED
 from moerge.models.chat import encode_chat
 from moerge.router.base import make_router
+from moerge.router.calibrate import ood_split
 from moerge.tasks import HELD_IN, get_task, out_of_domain_prompts
 
 
@@ -30,12 +31,13 @@ def library_ctx(library_system):
 @pytest.mark.real
 @pytest.mark.slow
 def test_glider_global_top1_on_held_in_paraphrases_and_abstain_out_of_domain(library_ctx):
-    """Bounded in `make test` (6 prompts per task); `make test-long` asks 20 per task. With the instructions
+    """Bounded in `make test` (4 prompts per task: two misses in 48 still meet the bar); `make test-long` asks 20 per task. With the instructions
     written in one batched call the bounded form took 104 s, against 181 s one at a time (same day, same machine)."""
     r = make_router("glider-global", library_ctx)
-    per_task = 20 if os.environ.get("MOERGE_TEST_LONG") else 6
+    per_task = 20 if os.environ.get("MOERGE_TEST_LONG") else 4
     samples = [s for t in HELD_IN for s in get_task(t).samples(per_task, EVAL_SEED, "eval")]
-    ood = out_of_domain_prompts()
+    # the evaluation half of the out-of-domain set: the calibration half is what the threshold was fitted on
+    ood = ood_split(out_of_domain_prompts(), "evaluation")
     # the instructions written in one batched engine call (what `moerge calibrate` does), then routed
     writer = library_ctx.instruction_writer
     assert writer.prime([s.prompt for s in samples] + ood) == len(samples) + len(ood)

@@ -1,6 +1,6 @@
 """`make bench`: every benchmark, measured side by side in one run; prints ratios, saves JSON.
 
-python -m bench [dtype] [kernels] [generation] [routing] [vllm] [service] [reroute] [moe]   (default: all)
+python -m bench [dtype] [kernels] [generation] [routing] [vllm] [service] [reroute] [moe] [training]   (default: all)
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from bench import kernels, routing, vllm_serving
 
 
 def main(argv: list[str]) -> None:
-    wanted = argv or ["dtype", "kernels", "generation", "routing", "vllm", "service", "reroute", "moe"]
+    wanted = argv or ["dtype", "kernels", "generation", "routing", "vllm", "service", "reroute", "moe", "training"]
     results = {}
     if "dtype" in wanted:        # fp32 against bf16 on this CPU: what the compute dtype `auto` decides on
         from bench import dtype
@@ -36,6 +36,9 @@ def main(argv: list[str]) -> None:
     if "moe" in wanted:          # ESFT adapters over the shared MoE base vs merged checkpoints (issue 11)
         from bench import moe_serving
         results["moe_serving"] = moe_serving.main([])
+    if "training" in wanted:     # a LoRA training step: the model's own loss against answer_loss
+        from bench import train_step
+        results["training"] = train_step.run()
     out = Path("runs/bench")
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=2))

@@ -100,7 +100,8 @@ def recorded_config(folder: Path) -> TrainConfig | None:
 def build_expert(base_dir: Path, task: str, out: Path, log=print, data: str = "template-lists-v0",
                  steps: int | None = None, cfg: TrainConfig | None = None) -> dict:
     """Train one expert into `out` (skipped when its manifest matches the config). `cfg` (a recorded
-    config) wins over `data` and `steps`; `steps` overrides the task's default step budget."""
+    config, which names its recipe) wins over `data` and `steps`; `steps` overrides the task's default
+    step budget."""
     if cfg is None:
         cfg = default_config(task, data)
         if steps is not None:
@@ -119,7 +120,7 @@ def build_expert(base_dir: Path, task: str, out: Path, log=print, data: str = "t
     spec = base_spec_from_folder(str(base_dir), BASE_MODEL_ID)
     adapter = load_lora(out, spec)
     t = get_task(task)
-    gate_samples = t.samples(400, GATE_SEED, "train", RECIPES[data])
+    gate_samples = t.samples(400, GATE_SEED, "train", RECIPES[cfg.data])
     gate = train_gate(base_dir, adapter, [s.prompt for s in gate_samples], [s.answer for s in gate_samples],
                       seed=GATE_SEED)
     (out / "gate.safetensors").write_bytes(gates_to_bytes(gate["gates"]))
@@ -158,11 +159,9 @@ def write_index(library: Path) -> None:
 
 
 def recorded_recipe(folder: Path) -> str:
-    """The data recipe an expert's manifest records (first-release manifests: template-lists-v0)."""
-    try:
-        return json.loads((folder / "manifest.json").read_text())["config"].get("data", "template-lists-v0")
-    except (OSError, ValueError, KeyError):
-        return "template-lists-v0"
+    """The data recipe an expert's manifest records (first-release manifests, or none: template-lists-v0)."""
+    cfg = recorded_config(folder)
+    return cfg.data if cfg is not None else "template-lists-v0"
 
 
 def build_library(base_dir: Path, library: Path, tasks: list[str] | None = None, log=print,
@@ -184,12 +183,8 @@ def build_library(base_dir: Path, library: Path, tasks: list[str] | None = None,
         raise ValueError("--steps trains with a given budget; with --data recorded each expert's budget is "
                          "the one its manifest records: name a recipe")
     for task in tasks:
-        if data == "recorded":
-            cfg = recorded_config(library / task)
-            if cfg is not None and cfg.task != task:
-                raise ValueError(f"{library / task}/manifest.json records task {cfg.task!r}, not {task!r}")
-            manifests.append(build_expert(base_dir, task, library / task, log, recorded_recipe(library / task),
-                                          cfg=cfg))
+        if data == "recorded":       # a new expert (no manifest yet): the first release's recipe
+            manifests.append(build_expert(base_dir, task, library / task, log, cfg=recorded_config(library / task)))
         else:
             manifests.append(build_expert(base_dir, task, library / task, log, data, steps=steps))
         write_index(library)

@@ -35,14 +35,19 @@ def best_threshold(in_scores: list[float], out_scores: list[float]) -> tuple[flo
 
 
 def in_domain_prompts(pool, per_expert: int = 12) -> list[str]:
-    """Fresh prompts for each expert: generated from its task's training templates when the
-    expert names a known task, else its stored example prompts."""
+    """Fresh prompts for each expert: when the expert names a known task, `per_expert` from its task's
+    training templates over the template lists and, when the task has content pools, as many from its
+    paraphrase family over the *training* pool (new words, numbers and entities, as users send: the
+    threshold must not sit just under the scores of the lists the cards' examples were drawn from);
+    else its stored example prompts. Evaluation templates and the evaluation pool are never used."""
     from moerge.tasks import BY_NAME
     out = []
     for card in pool.list():
-        task = (card.extra or {}).get("task")
-        if task in BY_NAME and BY_NAME[task].held_in:
-            out += [s.prompt for s in BY_NAME[task].samples(per_expert, 777, "train")]
+        task = BY_NAME.get((card.extra or {}).get("task"))
+        if task is not None and task.held_in:
+            out += [s.prompt for s in task.samples(per_expert, 777, "train")]
+            if task.make_content is not None:
+                out += [s.prompt for s in task.samples(per_expert, 777, "train", "content")]
         else:
             out += card.examples[:per_expert]
     return out

@@ -99,3 +99,25 @@ def test_unknown_method_is_a_clear_error(ctx):
     from moerge.experts.errors import ExpertError
     with pytest.raises(ExpertError, match="unknown routing method"):
         make_router("magic", ctx)
+
+
+def test_calibration_prompts_cover_both_shifts_of_training_data_and_never_evaluation_data():
+    """In-domain calibration prompts of a task-backed expert: its training templates over the template lists
+    and its paraphrase family over the training pool (new content, as users send it); an expert without a
+    known task gives its stored examples."""
+    from types import SimpleNamespace
+
+    from moerge.router.calibrate import in_domain_prompts
+    from moerge.tasks import get_task
+    from moerge.tasks import content as C
+
+    cards = [SimpleNamespace(extra={"task": "uppercase"}, examples=["unused"]),
+             SimpleNamespace(extra={}, examples=["Say hi.", "Say bye."])]
+    prompts = in_domain_prompts(SimpleNamespace(list=lambda: cards), per_expert=6)
+    task = get_task("uppercase")
+    template = [s.prompt for s in task.samples(6, 777, "train")]
+    content = task.samples(6, 777, "train", "content")
+    assert prompts == template + [s.prompt for s in content] + ["Say hi.", "Say bye."]
+    assert all(C.pool_of(*key.split(":", 1)) == "train" for s in content for key in s.content)
+    family = task.templates("train", "content")
+    assert all(s.split == "train" and family[s.template] not in task.eval_templates for s in content)

@@ -46,7 +46,7 @@ image:
 
 test: assets
 	bash scripts/ensure_chromium.sh
-	bash scripts/pytest.sh tests -m "not aim and not long" --durations=12
+	bash scripts/pytest.sh tests -m "not aim and not long" -n 2 --dist loadfile --no-loadscope-reorder --durations=12
 
 # aims an issue sets that the bundled library does not meet yet (docs/results/shifts/report.md): these fail today
 aims: assets

@@ -84,5 +84,56 @@ def tiny_chat_base(tmp_path_factory, base_model_dir):
     return folder
 
 
+# `make test` runs on two pytest-xdist workers (`-n 2 --dist loadfile`, with the scheduler below). Each file runs
+# whole in one worker (its module fixtures start once). The files that start a vLLM engine, vLLM servers, the
+# eval CLI or the deployment stack, or that assert a timing, run one after another in one worker: two vLLM
+# engines at once would each pin their threads to both cores and slow each other several times over, and two
+# of them may need 16 GB. The other worker takes the rest, one file at a time, on one torch thread.
+ENGINE_FILES = {
+    "tests/executors/test_vllm.py", "tests/executors/test_batch_independence.py",
+    "tests/executors/test_vllm_faults.py", "tests/executors/test_vllm_moe.py",
+    "tests/executors/test_vllm_servers.py", "tests/service/test_load.py", "tests/service/test_remote_model.py",
+    "tests/eval/test_harness.py", "tests/eval/test_library_content.py", "tests/stack/test_stack.py",
+    "tests/experts/test_replicas.py", "tests/experts/test_pool_faults.py", "tests/service/test_backpressure.py",
+    "tests/service/test_security.py",
+}
+ENGINE_GROUP = "engines"
+
+
+def work_unit(nodeid: str) -> str:
+    """The unit of work a test belongs to under xdist: the engine group, the router package (its package
+    fixture `served_library` starts once), or its own file."""
+    path = nodeid.split("::", 1)[0]
+    if path in ENGINE_FILES:
+        return ENGINE_GROUP
+    if path.startswith("tests/router/"):
+        return "tests/router"
+    return path
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """`--dist loadfile`, with the engine files as one unit (xdist's own `loadgroup` cannot be used: it
+    renames items through `Item._nodeid`, which pytest 9.2 no longer reads)."""
+    if config.getoption("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class Units(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return work_unit(nodeid)
+
+    return Units(config, log)
+
+
 def pytest_collection_modifyitems(config, items):
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        # the engine unit first, so the longest unit starts at once; each file's tests stay in order
+        items.sort(key=lambda it: work_unit(it.nodeid) != ENGINE_GROUP)
+
+
+def pytest_runtest_setup(item):
+    """Under xdist the other worker's tests run on one torch thread, leaving a core to the engine files."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        torch.set_num_threads(2 if work_unit(item.nodeid) == ENGINE_GROUP else 1)
+

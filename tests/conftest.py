@@ -94,6 +94,7 @@ ENGINE_FILES = {
     "tests/executors/test_vllm_faults.py", "tests/executors/test_vllm_moe.py",
     "tests/executors/test_vllm_servers.py", "tests/service/test_load.py", "tests/service/test_remote_model.py",
     "tests/eval/test_harness.py", "tests/eval/test_library_content.py", "tests/stack/test_stack.py",
+    "tests/stack/test_compose.py",          # may run `scripts/stack.sh install` (apt), as test_stack may
     "tests/experts/test_replicas.py", "tests/experts/test_pool_faults.py", "tests/service/test_backpressure.py",
     "tests/service/test_security.py",
 }

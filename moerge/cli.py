@@ -440,6 +440,9 @@ def eval_cmd(
     every: int = typer.Option(5, "--every", help="--feedback-curve: measure after every this many feedbacks"),
     explore_k: int = typer.Option(3, "--explore-k", help="--feedback-curve: the feedback router explores the "
                                   "wrapped router's top k experts plus base (0: every expert)"),
+    feedback_kind: str = typer.Option("score", "--feedback-kind", help="--feedback-curve: score (the scorer's "
+                                      "score of the answer) | correction (the reference answer: every expert and "
+                                      "the base model are replayed and scored against it)"),
     best_single: bool = typer.Option(True, "--best-single/--no-best-single",
                                      help="search the best single expert per held-out and composed task "
                                      "(every expert on every such prompt; off with --quick)"),
@@ -447,7 +450,7 @@ def eval_cmd(
     """Evaluate routing methods side by side (or an OpenAI-compatible endpoint)."""
     if feedback_curve:
         _feedback_curve(tasks, n, out, engine, dtype, "template" if shift == "both" else shift, feedbacks, every,
-                        explore_k)
+                        explore_k, feedback_kind)
         return
     if shift not in ("template", "content", "both"):
         fail(f"--shift must be template, content or both, not {shift!r}")
@@ -492,12 +495,14 @@ def eval_cmd(
     console.print(f"wrote {out / 'report.md'} and plots")
 
 
-def _feedback_curve(tasks, n, out, engine, dtype, shift, feedbacks, every, explore_k) -> None:
+def _feedback_curve(tasks, n, out, engine, dtype, shift, feedbacks, every, explore_k, kind="score") -> None:
     from moerge.eval.feedback import DEFAULT_CHECK_TASKS, feedback_curve
     from moerge.eval.run import prepare
     from moerge.tasks import HELD_OUT, get_task
     if shift not in ("template", "content"):
         fail(f"--shift must be template or content with --feedback-curve, not {shift!r}")
+    if kind not in ("score", "correction"):
+        fail(f"--feedback-kind must be score or correction, not {kind!r}")
     task_list = list(tasks) if tasks else HELD_OUT + list(DEFAULT_CHECK_TASKS)
     for t in task_list:
         get_task(t)
@@ -505,7 +510,7 @@ def _feedback_curve(tasks, n, out, engine, dtype, shift, feedbacks, every, explo
     try:
         report = feedback_curve(system, tasks=task_list, feedbacks=feedbacks, every=every, n=n, shift=shift, out=out,
                                 cache_path=out / "generations.sqlite", namespace=namespace, explore_k=explore_k,
-                                progress=err.print)
+                                progress=err.print, kind=kind)
     finally:
         system.shutdown()
     for t, a in report["aim"]["per_task"].items():

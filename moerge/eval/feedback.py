@@ -13,6 +13,12 @@ The stream never touches evaluation phrasings or evaluation content:
   for this purpose and checked disjoint (case-insensitively) from the task's evaluation
   templates, over the task's *training* content pool (`make_content(rng, "train")`).
 
+With `kind="correction"` the feedback is the task's reference answer instead of the score: the
+store answers the stream prompt again with every expert and the base model (pinned, greedy, through
+the same generation cache) and scores each against it with the service's task-blind comparison
+(`answer_matches`), as `POST /v1/feedback` with `correction` does. The scorer's score of the arm that
+answered is what the stream records.
+
 Every `every` feedbacks per task, a non-exploring `feedback` router (posterior mean) over the
 same feedback answers `n` fresh evaluation prompts per task (the evaluation split, the same
 samples `moerge eval` scores); generations are cached like the harness's. The best single expert
@@ -30,7 +36,8 @@ from pathlib import Path
 
 from moerge.eval.cache import GenerationCache
 from moerge.eval.harness import EVAL_SEED, Evaluator, _chosen_counts, max_tokens_for
-from moerge.router.feedback import FeedbackRouter, plan_record, store_for
+from moerge.router.feedback import (BASE_ARM, FeedbackRouter, arm_decision, plan_record, replay_arms,
+                                    replay_max_tokens, store_for)
 from moerge.tasks import HELD_OUT, get_task
 from moerge.tasks.base import Sample
 
@@ -75,6 +82,18 @@ def stream_samples(task_name: str, k: int, seed: int = STREAM_SEED) -> list[Samp
     return out
 
 
+def _replay(ev: Evaluator, samples: list[Sample], plans: list[dict], experts: list[str]) -> list[dict[str, str]]:
+    """Per sample, {arm: text}: every arm a correction replays (router/feedback.py, replay_arms), answered
+    greedily in one engine call for the whole round (cached like every generation here)."""
+    rows = [(k, a) for k, plan in enumerate(plans) for a in replay_arms(plan, experts)]
+    recs = ev.generate([samples[k] for k, _ in rows], [arm_decision(a) for _, a in rows],
+                       [replay_max_tokens(ev.tok, samples[k].answer) for k, _ in rows])
+    out: list[dict[str, str]] = [{} for _ in samples]
+    for (k, a), r in zip(rows, recs):
+        out[k][a] = r["text"]
+    return out
+
+
 def _route_all(router, prompts: list[str]) -> list:
     with ThreadPoolExecutor(16) as pool:       # GLIDER instructions share the engine's batches
         return list(pool.map(router.route, prompts))
@@ -82,7 +101,10 @@ def _route_all(router, prompts: list[str]) -> list:
 
 def feedback_curve(system, *, tasks: list[str], feedbacks: int = 20, every: int = 5, n: int = 25,
                    shift: str = "template", out: Path, cache_path: Path, namespace: str, explore_k: int = 3,
-                   base: str = "glider-global", progress=print, router_options: dict | None = None) -> dict:
+                   base: str = "glider-global", progress=print, router_options: dict | None = None,
+                   kind: str = "score") -> dict:
+    if kind not in ("score", "correction"):
+        raise ValueError(f"feedback kind must be score or correction, not {kind!r}")
     out.mkdir(parents=True, exist_ok=True)
     cache = GenerationCache(cache_path, namespace)
     ev = Evaluator(system, cache)
@@ -91,11 +113,13 @@ def feedback_curve(system, *, tasks: list[str], feedbacks: int = 20, every: int 
     opts = dict(base=base, explore_k=explore_k, **(router_options or {}))
     learner = FeedbackRouter(explore=True, **opts).fit(ctx)      # answers the stream, exploring
     measurer = FeedbackRouter(explore=False, **opts).fit(ctx)    # measures: posterior mean, no exploration
+    experts = [c.name for c in system.pool.list() if c.kind == "lora"]
     t0 = time.time()
     streams = {t: stream_samples(t, feedbacks) for t in tasks}
     evals = {t: get_task(t).samples(n, EVAL_SEED, "eval", shift) for t in tasks}
     report = {"config": {"tasks": tasks, "feedbacks": feedbacks, "every": every, "n": n, "shift": shift,
-                         "base": base, "explore_k": explore_k, "eval_seed": EVAL_SEED, "stream_seed": STREAM_SEED,
+                         "base": base, "explore_k": explore_k, "kind": kind, "eval_seed": EVAL_SEED,
+                         "stream_seed": STREAM_SEED,
                          "router_options": opts},
               "tasks": {t: {"curve": [], "stream": []} for t in tasks}}
 
@@ -117,15 +141,25 @@ def feedback_curve(system, *, tasks: list[str], feedbacks: int = 20, every: int 
         decisions = _route_all(learner, [s.prompt for s in samples])
         recs = ev.generate(samples, decisions,
                            [max_tokens_for(get_task(s.task), ev.tok, [s]) for s in samples])
-        for s, d, r in zip(samples, decisions, recs):
-            task = get_task(s.task)
+        plans, cids = [], []
+        for s, d in zip(samples, decisions):
             cid = f"chatcmpl-eval-{uuid.uuid4().hex[:16]}"
-            store.record_completion(cid, model="moerge:feedback", method=d.method, query=s.prompt,
-                                    plan=plan_record(d, system.plan(d).kind))
+            plans.append(plan_record(d, system.plan(d).kind))
+            store.record_completion(cid, model="moerge:feedback", method=d.method, query=s.prompt, plan=plans[-1])
+            cids.append(cid)
+        replays = _replay(ev, samples, plans, experts) if kind == "correction" else None
+        for k, (s, d, r, cid) in enumerate(zip(samples, decisions, recs, cids)):
+            task = get_task(s.task)
             score = float(task.score(r["text"], s.answer))
-            store.add_feedback(cid, score=score, embed=ctx.embed, source="eval-stream")
-            report["tasks"][s.task]["stream"].append({"i": i, "arm": d.chosen[0] if d.chosen else "(base)",
-                                                     "score": score})
+            entry = {"i": i, "arm": d.chosen[0] if d.chosen else BASE_ARM, "score": score}
+            if replays is None:
+                store.add_feedback(cid, score=score, embed=ctx.embed, source="eval-stream")
+            else:
+                texts = replays[k]
+                res = store.add_correction(cid, s.answer, lambda _q, arms: {a: texts[a] for a in arms},
+                                           experts=experts, score=score, embed=ctx.embed, source="eval-stream")
+                entry["right"] = res["right"]
+            report["tasks"][s.task]["stream"].append(entry)
         if (i + 1) % every == 0 or i + 1 == feedbacks:
             measure(i + 1)
     held_out = [t for t in tasks if t in HELD_OUT]
@@ -179,7 +213,8 @@ def plot_curve(report: dict, path: Path) -> None:
     for ax in list(axes.flat)[len(tasks):]:
         ax.axis("off")
     cfg = report["config"]
-    fig.suptitle(f"feedback router over {cfg['base']}: n={cfg['n']} fresh evaluation prompts per task "
+    fig.suptitle(f"feedback router over {cfg['base']}, {cfg.get('kind', 'score')} feedback: n={cfg['n']} fresh "
+                 f"evaluation prompts per task "
                  f"({cfg['shift']} shift), explore_k={cfg['explore_k']}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -32,6 +32,17 @@ How `feedback` routes a query (it wraps a sequence router, `glider-global` by de
    `explore=False` (measuring): the arm with the highest posterior mean, ties to the wrapped
    router's order.
 
+Corrections (`POST /v1/feedback` with `correction`: the answer that would have been right). A score
+says how one arm did; a correction says how every arm would have done. The service answers the
+completion's query again with each of the pool's local experts and the base model alone (greedy, one
+batch, at most `REPLAY_MAX_ARMS` experts, the wrapped router's top ones first), compares each answer
+with the correction (`answer_matches`: whitespace collapsed, one trailing period, JSON compared as
+JSON; case-sensitive, no task knowledge), and stores one row per arm (source `replay`) in one
+transaction. Neighbours are then counted per completion (`neighbours` completions, each with all its
+rows), and an arm outside the wrapped router's top `explore_k` joins the candidates once a
+neighbour's replay shows it right. Replay rows of arms that did not answer the request do not move
+the per-expert priors and thresholds below, which describe an arm where it was routed to.
+
 Per-expert priors and thresholds (`FeedbackCalibration`): `moerge calibrate --from-feedback`
 folds every stored feedback into them and saves a JSON file; the online mode (every `feedback`
 router, as feedback arrives) moves them towards what the feedback says, bounded: nothing moves
@@ -63,6 +74,8 @@ POSITIVE_LABELS = {"good", "correct", "right", "positive", "up", "thumbs_up", "a
 NEGATIVE_LABELS = {"bad", "incorrect", "wrong", "negative", "down", "thumbs_down", "reject", "rejected", "fail",
                    "no"}
 CALIBRATION_NAME = "feedback_calibration.json"
+REPLAY_MAX_ARMS = 32                 # experts answered again per correction (plus the base model)
+MAX_CORRECTION_CHARS = 4000
 
 
 class FeedbackUnavailableError(ExpertError):
@@ -78,7 +91,8 @@ class UnknownCompletionError(ExpertError):
 def feedback_score(score: float | None, label: str | None) -> tuple[float, str | None]:
     """The reward in [0, 1] from a score and/or a label; ExpertError (400) when neither fits."""
     if score is None and label is None:
-        raise ExpertError("feedback needs a score in [0, 1] or a label (good/bad, correct/incorrect, ...)")
+        raise ExpertError("feedback needs a score in [0, 1], a label (good/bad, correct/incorrect, ...) or a "
+                          "correction (the answer that would have been right)")
     lab = None
     if label is not None:
         lab = label.strip().lower()
@@ -97,6 +111,50 @@ def feedback_score(score: float | None, label: str | None) -> tuple[float, str |
             or not 0.0 <= float(score) <= 1.0:
         raise ExpertError(f"score must be a number in [0, 1], not {score!r}")
     return float(score), lab
+
+
+def check_correction(correction) -> str:
+    """The correction's text, or ExpertError (400)."""
+    if not isinstance(correction, str) or not correction.strip():
+        raise ExpertError("correction must be the non-empty text of the answer that would have been right")
+    if len(correction) > MAX_CORRECTION_CHARS:
+        raise ExpertError(f"correction is {len(correction)} characters; at most {MAX_CORRECTION_CHARS}")
+    return correction
+
+
+def answer_matches(text: str, correction: str) -> bool:
+    """Is `text` the corrected answer? Whitespace collapsed and one trailing period dropped on both
+    (the task suite's scoring rule, moerge/tasks/base.py); a correction that is a JSON object or list
+    is compared as JSON. Case counts: the service does not know the task, and for some tasks case is
+    the answer."""
+    from moerge.tasks.base import _parse_json, normalise
+    want, got = normalise(correction), normalise(text)
+    if want[:1] in ("{", "["):
+        parsed = _parse_json(want)
+        if parsed is not None:
+            return (_parse_json(got) or _parse_json(text.strip())) == parsed
+    return got == want
+
+
+def replay_arms(plan: dict, experts: list[str], max_arms: int = REPLAY_MAX_ARMS) -> list[str]:
+    """The arms a correction replays: the completion's recorded top experts first, then the pool's
+    other local experts in name order, at most `max_arms`, then the base model alone."""
+    top = [name for name, _ in plan.get("top", []) if name in experts]
+    rest = sorted(set(experts) - set(top))
+    return (top + rest)[:max_arms] + [BASE_ARM]
+
+
+def arm_decision(arm: str) -> RoutingDecision:
+    """The routing decision that answers with one arm: an expert pinned, or the base model alone."""
+    if arm == BASE_ARM:
+        return RoutingDecision("base", "none", abstained=True)
+    return RoutingDecision("pinned", "sequence", experts=[ExpertScore(arm, 1.0)], chosen=[arm])
+
+
+def replay_max_tokens(tokenizer, correction: str) -> int:
+    """Enough new tokens for an answer as long as the correction, and a little more: a longer answer
+    cannot match it."""
+    return min(512, len(tokenizer(correction)["input_ids"]) + 8)
 
 
 _DIGITS = re.compile(r"\d+")
@@ -141,6 +199,8 @@ class FeedbackItem:
     query: str = ""
     method: str = ""
     created_at: float = 0.0
+    source: str = "api"
+    routed: bool = True             # this arm answered the request (a replay row of another arm: False)
 
 
 def feedback_engine(registry: Registry):
@@ -217,16 +277,21 @@ class FeedbackStore:
             self.prune()
 
     # -- feedback ----------------------------------------------------------------------------
-    def add_feedback(self, completion_id: str, *, score: float | None = None, label: str | None = None,
-                     embed=None, source: str = "api") -> FeedbackItem:
-        """Validate, then store one feedback row for a known completion; nothing is stored on an error."""
-        value, lab = feedback_score(score, label)
+    def _known(self, completion_id: str) -> dict:
+        """The completion's record, or UnknownCompletionError (404)."""
         rec = self.completion(completion_id)
         if rec is None:
             raise UnknownCompletionError(
                 f"no completion {completion_id!r} here: feedback must name the id of a chat completion this "
                 f"service answered in the last {self.completion_ttl_s / 86400:g} days (newest "
                 f"{self.max_completions} kept)")
+        return rec
+
+    def add_feedback(self, completion_id: str, *, score: float | None = None, label: str | None = None,
+                     embed=None, source: str = "api") -> FeedbackItem:
+        """Validate, then store one feedback row for a known completion; nothing is stored on an error."""
+        value, lab = feedback_score(score, label)
+        rec = self._known(completion_id)
         vec = embed_key(embed, rec["query"]) if embed is not None else None
         plan = rec["plan"]
         now = time.time()
@@ -242,11 +307,62 @@ class FeedbackStore:
             listener(item)
         return item
 
+    def add_correction(self, completion_id: str, correction: str, answer, *, experts: list[str],
+                       score: float | None = None, label: str | None = None, embed=None,
+                       max_arms: int = REPLAY_MAX_ARMS, source: str = "api") -> dict:
+        """A correction (module docstring): `answer(query, arms)` answers the completion's query with each arm
+        (`{arm: text}`, BASE_ARM for the base model alone) and every arm's answer is compared with the
+        correction. One row per arm (source "replay"), plus the client's own score or label when given
+        (source `source`), all in one transaction: on any error (a bad value, an unknown id, an engine
+        failure) nothing is stored. Returns what was stored and which arms were right."""
+        check_correction(correction)
+        if score is not None or label is not None:
+            given = feedback_score(score, label)
+        else:
+            given = None
+        rec = self._known(completion_id)
+        plan = rec["plan"]
+        arms = replay_arms(plan, experts, max_arms)
+        texts = answer(rec["query"], arms)
+        missing = [a for a in arms if a not in texts]
+        if missing:
+            raise RuntimeError(f"the replay answered no text for {missing}")
+        outcomes = {a: float(answer_matches(texts[a], correction)) for a in arms}
+        vec = embed_key(embed, rec["query"]) if embed is not None else None
+        now = time.time()
+        top = {name: score_ for name, score_ in plan.get("top", [])}
+        base_row = {"completion_id": completion_id, "created_at": now, "completed_at": rec["created_at"],
+                    "method": rec["method"], "query": rec["query"],
+                    "embedding": vec.tobytes() if vec is not None else None}
+        rows = []
+        if given is not None:
+            rows.append({**base_row, "arm": plan.get("arm"), "score": given[0], "label": given[1],
+                         "plan": json.dumps(plan), "source": source})
+        for a in arms:
+            if given is not None and a == plan.get("arm"):
+                continue                     # the client said how the answering arm did
+            replayed = {**plan, "arm_score": top.get(a) if a != BASE_ARM else None, "replayed": a}
+            rows.append({**base_row, "arm": a, "score": outcomes[a], "label": "correction",
+                         "plan": json.dumps(replayed), "source": "replay"})
+        with self.registry.typed_errors(), self.engine.begin() as conn:
+            ids = [conn.execute(insert(feedback_table).values(**row)).inserted_primary_key[0] for row in rows]
+        self._maybe_prune()
+        items = [FeedbackItem(int(fid), completion_id, row["arm"], row["score"], vec,
+                              json.loads(row["plan"]).get("arm_score"), rec["query"], rec["method"], now,
+                              row["source"], row["source"] != "replay" or row["arm"] == plan.get("arm"))
+                 for fid, row in zip(ids, rows)]
+        for item in items:
+            for listener in list(self._listeners):
+                listener(item)
+        return {"ids": [it.id for it in items], "arm": plan.get("arm"), "method": rec["method"],
+                "score": given[0] if given is not None else outcomes.get(plan.get("arm")),
+                "replayed": len(arms), "right": [a for a in arms if outcomes[a] >= 0.5]}
+
     def items(self, since_id: int = 0, limit: int | None = None) -> list[FeedbackItem]:
         """Feedback rows with id > since_id, oldest first (the newest `limit` when given)."""
         t = feedback_table
         stmt = select(t.c.id, t.c.completion_id, t.c.arm, t.c.score, t.c.embedding, t.c.plan, t.c.query, t.c.method,
-                      t.c.created_at).where(t.c.id > since_id)
+                      t.c.created_at, t.c.source).where(t.c.id > since_id)
         stmt = stmt.order_by(t.c.id.desc()).limit(limit) if limit else stmt.order_by(t.c.id)
         with self.registry.typed_errors(), self.engine.connect() as c:
             rows = c.execute(stmt).all()
@@ -257,7 +373,8 @@ class FeedbackStore:
             plan = json.loads(r.plan)
             vec = np.frombuffer(r.embedding, dtype=np.float32).copy() if r.embedding is not None else None
             out.append(FeedbackItem(r.id, r.completion_id, r.arm, float(r.score), vec, plan.get("arm_score"),
-                                    r.query, r.method, r.created_at))
+                                    r.query, r.method, r.created_at, r.source or "api",
+                                    r.source != "replay" or r.arm == plan.get("arm")))
         return out
 
     def last_id(self) -> int:
@@ -307,7 +424,7 @@ class FeedbackCalibration:
         from moerge.router.calibrate import best_threshold
         by_arm: dict[str, list[FeedbackItem]] = {}
         for it in items:
-            if it.arm:
+            if it.arm and it.routed:          # a replay of an arm nobody routed to says nothing of its routing
                 by_arm.setdefault(it.arm, []).append(it)
         out = {}
         for arm, its in by_arm.items():
@@ -352,7 +469,7 @@ class OnlineCalibration:
         self.max_items_per_arm = max_items_per_arm
 
     def update(self, item: FeedbackItem) -> None:
-        if not item.arm:
+        if not item.arm or not item.routed:
             return
         recent = self._recent.setdefault(item.arm, deque(maxlen=self.max_items_per_arm))
         recent.append(item)
@@ -386,14 +503,26 @@ class FeedbackMemory:
         self.version += 1
 
     def neighbours(self, q: np.ndarray, k: int, min_sim: float) -> list[tuple[FeedbackItem, float]]:
+        """Every item of the `k` completions nearest to `q` (cosine ≥ min_sim), most similar first: a
+        correction's replay rows count as one neighbour, not as one per arm."""
         if not self.items:
             return []
         if self._matrix is None:
             self._matrix = np.stack([it.embedding for it in self.items]).astype(np.float32)
         sims = self._matrix @ q.astype(np.float32)
-        order = np.argsort(-sims, kind="stable")[:k]
+        order = np.argsort(-sims, kind="stable")
         items = list(self.items)
-        return [(items[i], float(sims[i])) for i in order if sims[i] >= min_sim]
+        out, completions = [], set()
+        for i in order:
+            if sims[i] < min_sim:
+                break
+            cid = items[i].completion_id
+            if cid not in completions:
+                if len(completions) == k:
+                    continue
+                completions.add(cid)
+            out.append((items[i], float(sims[i])))
+        return out
 
 
 class FeedbackRouter(Router):
@@ -500,11 +629,15 @@ class FeedbackRouter(Router):
         base = self.base.route(query, task=task)
         with self._lock:
             self._refresh()
-            arms = self.arms(base.experts)
-            priors = self.priors(base, arms)
             # no feedback yet: no neighbours to look for, so no embedding to compute
             near = self.memory.neighbours(embed_key(self.ctx.embed, query), self.k, self.min_sim) \
                 if self.memory.items else []
+            arms = self.arms(base.experts)
+            known = {e.name for e in base.experts}
+            # an arm a neighbour's correction showed right is a candidate, ranked by the wrapped router or not
+            arms += sorted({it.arm for it, _ in near if it.score >= 0.5 and it.arm not in arms
+                            and (it.arm == BASE_ARM or it.arm in known)})
+            priors = self.priors(base, arms)
             version = self.memory.version
         post = {a: list(p) for a, p in priors.items()}
         seen = {a: [0, 0.0, 0.0] for a in arms}
@@ -527,7 +660,7 @@ class FeedbackRouter(Router):
         arm = max(arms, key=lambda a: (value[a], -arms.index(a)))     # ties: the wrapped router's order
         abstain = arm == BASE_ARM
         detail = {"base_method": self.base.name, "base_chosen": list(base.chosen), "base_abstained": base.abstained,
-                  "neighbours": len(near), "explore": self.explore,
+                  "neighbours": len({it.completion_id for it, _ in near}), "explore": self.explore,
                   "arms": {a: {"mean": round(means[a], 4), "n": seen[a][0], "successes": round(seen[a][1], 3),
                                "weight": round(seen[a][2], 3)} for a in arms}}
         if self.explore:

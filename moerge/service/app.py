@@ -221,6 +221,15 @@ def create_app(runtime: Runtime) -> FastAPI:
             raise FeedbackUnavailableError("feedback is not available in this server: it keeps no completion "
                                            "records (MOERGE_FEEDBACK_RECORDS=false, or no registry)")
         embed = getattr(getattr(runtime, "router_ctx", None), "embed", None)
+        if req.correction is not None:
+            slot = inflight.admit()          # the replay uses the engine like a request
+            try:
+                out = await run_in_threadpool(_add_correction, runtime, feedback, req, embed)
+            finally:
+                slot.release()
+            return {"object": "feedback", "id": out["ids"][0] if out["ids"] else None, "completion_id": req.id,
+                    "score": out["score"], "arm": out["arm"], "method": out["method"],
+                    "replay": {"arms": out["replayed"], "right": out["right"], "rows": len(out["ids"])}}
         item = await run_in_threadpool(feedback.add_feedback, req.id, score=req.score, label=req.label, embed=embed)
         return {"object": "feedback", "id": item.id, "completion_id": item.completion_id, "score": item.score,
                 "arm": item.arm, "method": item.method}
@@ -269,6 +278,25 @@ def create_app(runtime: Runtime) -> FastAPI:
         return JSONResponse(body, headers=headers)
 
     return app
+
+
+def _add_correction(runtime: Runtime, store, req, embed) -> dict:
+    """A correction: the completion's query (the last user turn, what routing read) is answered again,
+    greedily, by every local expert and by the base model in one engine call, and each answer is
+    scored against the correction (router/feedback.py, FeedbackStore.add_correction)."""
+    from moerge.router.feedback import arm_decision, replay_max_tokens
+    system = runtime.system
+    experts = [c.name for c in runtime.pool.list() if c.kind == "lora"]
+
+    def answer(query: str, arms: list[str]) -> dict[str, str]:
+        prompt = system.encode([{"role": "user", "content": query}])
+        params = SamplingParams(max_tokens=replay_max_tokens(system.local[-1].tokenizer, req.correction),
+                                temperature=0.0)
+        gens = system.generate_many([prompt] * len(arms), params, [system.plan(arm_decision(a)) for a in arms])
+        return {a: g.text for a, g in zip(arms, gens)}
+
+    return store.add_correction(req.id, req.correction, answer, experts=experts, score=req.score, label=req.label,
+                                embed=embed)
 
 
 def _feedback_store(runtime: Runtime):

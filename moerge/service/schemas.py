@@ -64,11 +64,14 @@ class ChatCompletionRequest(BaseModel):
 
 class FeedbackRequest(BaseModel):
     """`POST /v1/feedback`: how good a completion was. `score` in [0, 1] and/or a `label`
-    (good/bad, correct/incorrect, positive/negative, ...)."""
+    (good/bad, correct/incorrect, positive/negative, ...), and/or a `correction` (the right answer)."""
     model_config = ConfigDict(extra="forbid")
     id: str = Field(min_length=1, max_length=64, description="the chat completion's id (chatcmpl-...)")
     score: float | None = None
     label: str | None = Field(default=None, max_length=32)
+    correction: str | None = Field(default=None, max_length=4000,
+                                   description="the answer that would have been right: every local expert and "
+                                               "the base model answer the request again and are scored against it")
 
 
 def completion_id() -> str:

@@ -13,7 +13,8 @@ from moerge.experts.errors import ExpertError
 from moerge.experts.registry import Registry
 from moerge.router.base import ExpertScore, Router, RoutingDecision
 from moerge.router.feedback import (BASE_ARM, FeedbackCalibration, FeedbackItem, FeedbackRouter, FeedbackStore,
-                                    OnlineCalibration, UnknownCompletionError, feedback_score, plan_record)
+                                    OnlineCalibration, UnknownCompletionError, answer_matches, feedback_score,
+                                    plan_record, replay_arms)
 
 LOWER = ["Convert to lower case please: HELLO THERE FRIEND", "Make this text lowercase: THE CAT SAT DOWN",
          "Rewrite in small letters: GOOD MORNING WORLD", "Lower-case this: OPEN THE DOOR NOW",
@@ -161,6 +162,90 @@ def test_thompson_exploration_is_bounded_and_deterministic(registry, embedder, t
     assert {c[0] if c else BASE_ARM for c in chosen} <= {"uppercase", "reverse_words", BASE_ARM}
     assert len(set(chosen)) >= 2                              # it does explore
     assert chosen == [tuple(router.route(p).chosen) for p in prompts]   # same state, same query: same arm
+
+
+def test_answer_matches_is_exact_up_to_spacing_a_final_period_and_json_form():
+    assert answer_matches("  555 ", "555") and answer_matches("Paris.", "Paris")
+    assert answer_matches("the  cat\nsat", "the cat sat")
+    assert answer_matches('{"name": "Ann", "age": 3}', '{"age":3,"name":"Ann"}')
+    assert not answer_matches('{"name": "Ann"}', '{"name":"Bob"}')
+    assert not answer_matches("HELLO THERE", "hello there")          # case is the answer for some tasks
+    assert not answer_matches("555 is the sum", "555") and not answer_matches("", "555")
+
+
+def test_replay_arms_puts_the_recorded_top_first_bounded_then_base():
+    plan = {"top": [["uppercase", 0.6], ["gone", 0.5], ["reverse_words", 0.4]]}
+    experts = ["capital_of", "count_words", "reverse_words", "uppercase"]
+    assert replay_arms(plan, experts) == ["uppercase", "reverse_words", "capital_of", "count_words", BASE_ARM]
+    assert replay_arms(plan, experts, max_arms=2) == ["uppercase", "reverse_words", BASE_ARM]
+
+
+def _fake_replay(right: set[str], calls: list):
+    """An engine stand-in: each arm answers "ok" if it is in `right`, else "nope" (the real engine's replay
+    is tested in tests/service/test_feedback_api.py)."""
+    def answer(query, arms):
+        calls.append((query, list(arms)))
+        return {a: "ok" if a in right else "nope" for a in arms}
+    return answer
+
+
+def test_corrections_score_every_arm_and_route_to_one_the_wrapped_router_ranks_low(registry, embedder, tmp_path):
+    """Only capital_of (4th of the wrapped router's ranking, outside explore_k=2) answers lower-case
+    requests right: score feedback on the arms routed to could never find it; corrections do, and
+    the rows of arms that did not answer leave the per-expert priors alone."""
+    store = FeedbackStore(registry)
+    router = FeedbackRouter(base_router=StubRanker(), store=store, explore=False, explore_k=2).fit(
+        _ctx(registry, embedder, tmp_path))
+    experts = ["uppercase", "reverse_words", "count_words", "capital_of"]
+    calls = []
+    for i, q in enumerate(LOWER):
+        _answered(store, f"chatcmpl-c{i}", q, "uppercase")
+        out = store.add_correction(f"chatcmpl-c{i}", "ok", _fake_replay({"capital_of"}, calls), experts=experts,
+                                   embed=embedder.encode)
+        assert out["right"] == ["capital_of"] and out["replayed"] == 5 and out["score"] == 0.0
+        assert out["arm"] == "uppercase" and len(out["ids"]) == 5
+    assert calls[0] == (LOWER[0], ["uppercase", "capital_of", "count_words", "reverse_words", BASE_ARM])
+    rows = store.items()
+    assert len(rows) == 5 * len(LOWER) and {r.source for r in rows} == {"replay"}
+    assert sorted(r.arm for r in rows if r.routed) == ["uppercase"] * len(LOWER)
+    d = router.route(LOWER_NEW)
+    assert d.chosen == ["capital_of"], d.detail
+    arm = d.detail["arms"]["capital_of"]
+    assert d.detail["neighbours"] >= 4 and arm["n"] == arm["successes"] == d.detail["neighbours"], d.detail
+    assert router.route(CAPITAL).chosen == ["uppercase"]              # far from the corrections: unchanged
+    # priors and thresholds move only for the arm that answered (uppercase), from its own rows
+    assert set(router.calibration.arms) == {"uppercase"}
+    assert FeedbackCalibration.from_items(rows, min_count=5).arms.keys() == {"uppercase"}
+    # a client's own score for the answering arm is kept in place of that arm's replay
+    _answered(store, "chatcmpl-own", LOWER[0], "uppercase")
+    out = store.add_correction("chatcmpl-own", "ok", _fake_replay({"uppercase"}, calls), experts=experts,
+                               label="bad")
+    assert out["score"] == 0.0 and out["right"] == ["uppercase"]
+    own = [r for r in store.items() if r.completion_id == "chatcmpl-own"]
+    assert sorted((r.arm, r.source, r.score) for r in own if r.arm == "uppercase") == [("uppercase", "api", 0.0)]
+
+
+def test_a_bad_correction_or_a_failed_replay_stores_nothing(registry, embedder):
+    store = FeedbackStore(registry)
+    _answered(store, "chatcmpl-x", LOWER[0], "uppercase")
+    experts = ["uppercase", "capital_of"]
+    calls = []
+    for correction, kwargs in (("", {}), ("   ", {}), ("x" * 4001, {}), ("ok", {"score": 2.0}),
+                               ("ok", {"score": 1.0, "label": "bad"})):
+        with pytest.raises(ExpertError) as e:
+            store.add_correction("chatcmpl-x", correction, _fake_replay(set(), calls), experts=experts, **kwargs)
+        assert e.value.status == 400, (correction[:8], kwargs)
+    with pytest.raises(UnknownCompletionError):
+        store.add_correction("chatcmpl-nope", "ok", _fake_replay(set(), calls), experts=experts)
+    assert calls == []                                    # nothing was replayed for a refused correction
+
+    def broken(query, arms):
+        raise RuntimeError("engine died")
+    with pytest.raises(RuntimeError):
+        store.add_correction("chatcmpl-x", "ok", broken, experts=experts)
+    with pytest.raises(RuntimeError, match="no text"):
+        store.add_correction("chatcmpl-x", "ok", lambda q, arms: {"uppercase": "ok"}, experts=experts)
+    assert store.count() == 0
 
 
 def _item(i, arm, score, arm_score):

@@ -1,10 +1,12 @@
 """`POST /v1/feedback` on the real service: it stores a score for a completion it answered (streamed or
 not), refuses unknown ids and bad scores with a clear 4xx and stores nothing, and what it stored is
-read back by a new pool object on the same registry."""
+read back by a new pool object on the same registry. A correction replays every local expert and the
+base model on the real engine and stores one scored row per arm."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import httpx
 import pytest
@@ -92,6 +94,44 @@ def test_bad_feedback_gets_a_clear_4xx_and_stores_nothing(server):
     r = httpx.post(f"{url}/v1/feedback", json={"id": cid, "score": 1}, timeout=30)     # no key
     assert r.status_code == 401
     assert _count(runtime) == before
+
+
+@pytest.mark.real
+def test_a_correction_replays_every_expert_on_the_real_engine_and_scores_each(server):
+    """The base model answered an addition; the correction (the right sum) makes the service answer it
+    again with the pool's experts (the bundled arith_add and reverse_words) and the base model alone, on
+    the real engine: arith_add's answer matches, reverse_words' does not, and one row per arm is stored."""
+    from moerge.experts.bundled import library_entries
+    from moerge.router.feedback import store_for
+    url, runtime, _ = server
+    library = Path(__file__).resolve().parents[2] / "moerge" / "experts" / "library"
+    for name in ("arith_add", "reverse_words"):
+        if runtime.pool.registry.get(name) is None:
+            entry = next(e for e in library_entries() if e["name"] == name)
+            runtime.pool.register_lora(library / name, name, entry["description"], tags=entry["tags"],
+                                       examples=entry["examples"])
+    body = {"model": "base", "messages": [{"role": "user", "content": "What is 345 + 210?"}], "max_tokens": 6,
+            "temperature": 0}
+    cid = httpx.post(f"{url}/v1/chat/completions", json=body, headers=USER, timeout=120).json()["id"]
+    before = _count(runtime)
+    for bad, status, words in (({"correction": ""}, 400, "correction must be"),
+                               ({"correction": "5" * 4001}, 400, "correction"),
+                               ({"correction": "555", "score": 3}, 400, "score must be"),
+                               ({"correction": "555", "id": "chatcmpl-000000000000000000000000"}, 404, "no completion")):
+        r = httpx.post(f"{url}/v1/feedback", json={"id": cid, **bad}, headers=USER, timeout=120)
+        assert r.status_code == status and words in r.json()["error"]["message"], (bad, r.text)
+    assert _count(runtime) == before
+    r = httpx.post(f"{url}/v1/feedback", json={"id": cid, "correction": "555"}, headers=USER, timeout=300)
+    assert r.status_code == 200, r.text
+    out = r.json()
+    experts = sorted(c.name for c in runtime.pool.list() if c.kind == "lora")
+    assert out["replay"]["arms"] == out["replay"]["rows"] == len(experts) + 1 and out["arm"] == "(base)"
+    assert "arith_add" in out["replay"]["right"] and "reverse_words" not in out["replay"]["right"], out
+    rows = [i for i in store_for(runtime.pool.registry).items() if i.completion_id == cid]
+    assert sorted(i.arm for i in rows) == sorted(experts + ["(base)"]) and {i.source for i in rows} == {"replay"}
+    assert {i.arm for i in rows if i.score == 1.0} == set(out["replay"]["right"])
+    assert [i.routed for i in rows if i.arm == "(base)"] == [True]            # base answered the request
+    assert _count(runtime) == before + len(experts) + 1
 
 
 @pytest.mark.real

@@ -47,7 +47,12 @@ Per-expert priors and thresholds (`FeedbackCalibration`): `moerge calibrate --fr
 folds every stored feedback into them and saves a JSON file; the online mode (every `feedback`
 router, as feedback arrives) moves them towards what the feedback says, bounded: nothing moves
 before `min_count` feedbacks on that expert, a step moves a value by at most `max_step`, and the
-router keeps at most `max_items` feedback items in memory.
+router keeps at most `max_items` feedback items in memory. They apply only to a request with at
+least one neighbour: a threshold learned on the phrasings feedback came from does not carry to
+other phrasings. Measured on development prompts (the uppercase task's paraphrase family over its
+training pool, none near the feedback stream of `moerge eval --feedback-curve`), uppercase's learned
+threshold (0.45, from its failures on lower-case requests) sent 11 of 24 upper-case requests away
+from the uppercase expert; scoped to requests near feedback, none.
 """
 
 from __future__ import annotations
@@ -594,8 +599,9 @@ class FeedbackRouter(Router):
         k = len(ranked) if self.explore_k <= 0 else self.explore_k
         return [e.name for e in ranked[:k]] + [BASE_ARM]
 
-    def priors(self, base: RoutingDecision, arms: list[str]) -> dict[str, tuple[float, float]]:
-        """arm -> (alpha, beta) of its Beta prior."""
+    def priors(self, base: RoutingDecision, arms: list[str], learned: bool = True) -> dict[str, tuple[float, float]]:
+        """arm -> (alpha, beta) of its Beta prior; with `learned`, moved by the per-expert priors and
+        thresholds learned from feedback."""
         scores = {e.name: e.score for e in base.experts}
         top = None if base.abstained or not base.chosen else base.chosen[0]
         out = {}
@@ -604,7 +610,7 @@ class FeedbackRouter(Router):
                 mean = 0.5 if top is None else 0.25
             else:
                 mean = 0.5 if arm == top else 0.25
-            st = self.calibration.arms.get(arm)
+            st = self.calibration.arms.get(arm) if learned else None
             if st is not None and st.n >= self.min_count:
                 mean = 0.5 * mean + 0.5 * st.prior             # learned: how often this arm works at all
                 if arm != BASE_ARM and st.threshold is not None and scores.get(arm, 0.0) < st.threshold:
@@ -637,7 +643,8 @@ class FeedbackRouter(Router):
             # an arm a neighbour's correction showed right is a candidate, ranked by the wrapped router or not
             arms += sorted({it.arm for it, _ in near if it.score >= 0.5 and it.arm not in arms
                             and (it.arm == BASE_ARM or it.arm in known)})
-            priors = self.priors(base, arms)
+            # learned priors and thresholds only near feedback (module docstring)
+            priors = self.priors(base, arms, learned=bool(near))
             version = self.memory.version
         post = {a: list(p) for a, p in priors.items()}
         seen = {a: [0, 0.0, 0.0] for a in arms}

@@ -277,8 +277,13 @@ def test_learned_threshold_lowers_an_expert_below_it(registry, embedder, tmp_pat
         prior=0.5, threshold=0.7, n=10, successes=5)}).save(cal_path)
     router = FeedbackRouter(base_router=StubRanker(), store=FeedbackStore(registry), explore=False,
                             calibration_path=cal_path).fit(_ctx(registry, embedder, tmp_path))
-    d = router.route(CAPITAL)      # uppercase scores 0.62 < its learned 0.7: the next arm (prior 0.25) wins
-    assert d.chosen == ["reverse_words"], d.detail
+    # far from all feedback, nothing learned applies: a threshold learned on other phrasings does not carry
+    assert router.route(CAPITAL).chosen == ["uppercase"]
+    store = router.store
+    _answered(store, "chatcmpl-cap", "What is the capital city of Spain?", "count_words", 0.38)
+    store.add_feedback("chatcmpl-cap", score=0.0, embed=embedder.encode)
+    d = router.route(CAPITAL)      # near feedback: uppercase scores 0.62 < its learned 0.7, the next arm wins
+    assert d.detail["neighbours"] == 1 and d.chosen == ["reverse_words"], d.detail
 
 
 def test_calibrate_from_feedback_cli_writes_per_expert_priors_and_thresholds(tmp_path, embedder):

@@ -14,10 +14,20 @@ from collections.abc import Callable
 
 SYSTEM = ("You describe tasks. Given a user request, reply with one short sentence saying what kind of "
           "task it is, as an instruction. Do not answer the request.")
+# Seven requests from fields no bundled expert covers, each with a different kind of instruction. With
+# three examples, one of them a factual question, the 135M writer copied "Answer a factual science
+# question." for a third of the development prompts (training phrasings of the held-in tasks, seeds 777
+# and 779) and its instruction alone found the right card for 59.7% of them; with these, 87.2%
+# (scripts/probes/writer_fewshot.py). No example may name a task of the suite: the writer copies.
 FEW_SHOT = [
     ("Translate 'good morning' into Spanish.", "Translate a phrase from English into Spanish."),
     ("Is the following email spam? 'You won a prize, click here'", "Classify an email as spam or not spam."),
-    ("What is the boiling point of water in Fahrenheit?", "Answer a factual science question."),
+    ("Write a Python function that checks whether a string is a palindrome.", "Write a short program."),
+    ("Summarise this paragraph in one sentence: The meeting was moved to Friday because ...",
+     "Summarise a text."),
+    ("fix the grammar: me and him goes to school yesterday", "Correct the grammar of a sentence."),
+    ("Who painted the Mona Lisa?", "Answer a question about art history."),
+    ("Give me three ideas for a birthday party.", "Suggest ideas for an event."),
 ]
 
 

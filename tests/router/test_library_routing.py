@@ -11,6 +11,7 @@ from moerge.eval.harness import EVAL_SEED
 from moerge.models.chat import encode_chat
 from moerge.router.base import make_router
 from moerge.router.calibrate import ood_split
+from moerge.router.instruction import FEW_SHOT
 from moerge.tasks import HELD_IN, get_task, out_of_domain_prompts
 
 
@@ -45,6 +46,14 @@ def test_glider_global_top1_on_held_in_paraphrases_and_abstain_out_of_domain(lib
         assert writer.write(s.prompt) == (writer._generate(s.prompt), True)
     right = sum(r.route(s.prompt).chosen[:1] == [s.task] for s in samples)
     assert right / len(samples) >= 0.95, right / len(samples)
+    # the instruction is evidence of its own: it names the task, and is not a copy of a few-shot answer (with
+    # three examples the writer answered "Answer a factual science question." for a third of the prompts)
+    instructions = [writer.write(s.prompt)[0] for s in samples]
+    copied = sum(i in {a for _, a in FEW_SHOT} for i in instructions)
+    assert copied / len(samples) <= 0.10, [i for i in instructions if i in {a for _, a in FEW_SHOT}]
+    alone = sum(library_ctx.card_index.search(library_ctx.embed([i])[0], 1)[0][0] == s.task
+                for i, s in zip(instructions, samples))
+    assert alone / len(samples) >= 0.70, alone / len(samples)
     abstained = sum(r.route(q).abstained for q in ood)
     assert abstained / len(ood) >= 0.90, abstained / len(ood)
 

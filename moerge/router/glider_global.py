@@ -3,8 +3,9 @@ against the expert cards.
 
 The score of an expert is the mean of two cosines to its card: of the query, and of the
 instruction written together with the query. With a small instruct LLM as the writer the
-instruction alone is often vague or wrong ("Answer a factual science question" for a
-capital-city query, with the first few-shot examples), so it is evidence added to the query's, not a replacement for it.
+instruction alone is often vague or wrong (with its earlier few-shot examples it wrote "Answer a
+factual science question" for a capital-city query), so it is evidence added to the query's, not a
+replacement for it.
 """
 
 from moerge.router.sequence import SequenceRouter

@@ -8,29 +8,22 @@ Prints, per variant: how often the instruction alone ranks the right card first,
 share routed to the right expert (seed 779) with a threshold fitted on seed 777. About 4-5 min per
 variant on the reference engine.
 """
-import json, sys, numpy as np
+import sys
+from collections import Counter
+
+import numpy as np
+
 import moerge.router.instruction as I
 from moerge.config import get_settings
 from moerge.startup import start
 from moerge.tasks import BY_NAME, out_of_domain_prompts
 from moerge.router.calibrate import ood_split, best_threshold
+SCIENCE = ("What is the boiling point of water in Fahrenheit?", "Answer a factual science question.")
 VARIANTS = {
- "three-examples": (I.SYSTEM, [   # the writer's examples until 2026-12-07
-    ("Translate 'good morning' into Spanish.", "Translate a phrase from English into Spanish."),
-    ("Is the following email spam? 'You won a prize, click here'", "Classify an email as spam or not spam."),
-    ("What is the boiling point of water in Fahrenheit?", "Answer a factual science question."),
- ]),
+ "three-examples": (I.SYSTEM, I.FEW_SHOT[:2] + [SCIENCE]),   # the writer's examples until 2026-12-07
  "current": (I.SYSTEM, I.FEW_SHOT),
- "diverse8": (I.SYSTEM, [
-    ("Translate 'good morning' into Spanish.", "Translate a phrase from English into Spanish."),
-    ("Is the following email spam? 'You won a prize, click here'", "Classify an email as spam or not spam."),
-    ("Write a Python function that checks whether a string is a palindrome.", "Write a short program."),
-    ("Summarise this paragraph in one sentence: The meeting was moved to Friday because ...", "Summarise a text."),
-    ("fix the grammar: me and him goes to school yesterday", "Correct the grammar of a sentence."),
-    ("Who painted the Mona Lisa?", "Answer a question about art history."),
-    ("Give me three ideas for a birthday party.", "Suggest ideas for an event."),
-    ("What is the boiling point of water in Fahrenheit?", "Answer a factual science question."),
- ]),
+ # the current seven and the factual question the writer used to copy
+ "diverse8": (I.SYSTEM, I.FEW_SHOT + [SCIENCE]),
 }
 sysm = start(get_settings(), executor="reference", progress=lambda m: None)
 ctx = sysm.router_ctx
@@ -60,6 +53,5 @@ for v in sys.argv[1:]:
     thr, _ = best_threshold([max(r["s_g"].values()) for r in fit if r["gold"]], [max(r["s_g"].values()) for r in fit if not r["gold"]])
     rr = np.mean([top(r["s_g"]) == r["gold"] and max(r["s_g"].values()) >= thr for r in chk if r["gold"]])
     ab = np.mean([max(r["s_g"].values()) < thr for r in chk if not r["gold"]])
-    from collections import Counter
     c = Counter(r["ins"] for r in rows if r["gold"]).most_common(3)
     print(f"{v}: instruction-alone top1 {100*ins_top1:.1f}; glider routed-right (seed 779) {100*rr:.1f}, ood abstain {100*ab:.1f}, thr {thr:.3f}; most common {c}", flush=True)

@@ -49,8 +49,8 @@ def test_glider_global_top1_on_held_in_paraphrases_and_abstain_out_of_domain(lib
     # the instruction is evidence of its own: it names the task, and is not a copy of a few-shot answer (with
     # three examples the writer answered "Answer a factual science question." for a third of the prompts)
     instructions = [writer.write(s.prompt)[0] for s in samples]
-    copied = sum(i in {a for _, a in FEW_SHOT} for i in instructions)
-    assert copied / len(samples) <= 0.10, [i for i in instructions if i in {a for _, a in FEW_SHOT}]
+    copies = [i for i in instructions if i in {a for _, a in FEW_SHOT}]
+    assert len(copies) / len(samples) <= 0.10, copies
     alone = sum(library_ctx.card_index.search(library_ctx.embed([i])[0], 1)[0][0] == s.task
                 for i, s in zip(instructions, samples))
     assert alone / len(samples) >= 0.70, alone / len(samples)

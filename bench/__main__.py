@@ -1,6 +1,6 @@
 """`make bench`: every benchmark, measured side by side in one run; prints ratios, saves JSON.
 
-python -m bench [dtype] [kernels] [generation] [routing] [vllm] [service] [reroute] [moe] [training]   (default: all)
+python -m bench [dtype] [kernels] [generation] [routing] [vllm] [service] [prefix] [reroute] [moe] [training]   (default: all)
 """
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ from bench import kernels, routing, vllm_serving
 
 
 def main(argv: list[str]) -> None:
-    wanted = argv or ["dtype", "kernels", "generation", "routing", "vllm", "service", "reroute", "moe", "training"]
+    wanted = argv or ["dtype", "kernels", "generation", "routing", "vllm", "service", "prefix", "reroute", "moe",
+                      "training"]
     results = {}
     if "dtype" in wanted:        # fp32 against bf16 on this CPU: what the compute dtype `auto` decides on
         from bench import dtype
@@ -30,6 +31,9 @@ def main(argv: list[str]) -> None:
         results["vllm"] = vllm_serving.run_throughput()
     if "service" in wanted:
         results["service_latency"] = vllm_serving.run_service_latency()
+    if "prefix" in wanted:       # vLLM's prefix cache on the instruction writer's fixed few-shot prefix
+        from bench import prefix_cache
+        results["prefix_cache"] = prefix_cache.run()
     if "reroute" in wanted:      # the ESFT rerouting kernel inside one MoE layer (issue 11)
         from bench import reroute
         results["reroute"] = reroute.run()

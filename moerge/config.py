@@ -109,6 +109,11 @@ class Settings(BaseSettings):
                                    "Each new batch shape adds primitives; with 1024 the engine's memory climbs for "
                                    "hours under varied load. vLLM's own per-layer caches still hold the recent ones "
                                    "(docs/reliability.md)")
+    vllm_prefix_caching: bool = Field(default=True, description="reuse the KV of a prompt prefix an earlier "
+                                      "request with the same plan computed (above all the instruction writer's fixed "
+                                      "few-shot prefix, on every glider-global routing). Cached blocks are keyed by the "
+                                      "plan's LoRA id, which names one set of expert versions; token-level plans get an "
+                                      "id per request and never share. The MoE engine keeps it off")
     vllm_cpu_threads: str = Field(default="auto", description="vLLM CPU compute cores: auto (vLLM's default: "
                                   "on this 2-core machine one core, the other reserved) | all | a list like 0-3")
     routing_method: str = Field(default="glider-global", description="method used for model=auto")

@@ -256,7 +256,8 @@ def start(settings: Settings, *, executor: str | None = None, pool_dir=None, bun
         from moerge.executors.vllm_engine import VllmExecutor
         opts = dict(max_resident_experts=settings.vllm_max_experts, max_lora_rank=settings.vllm_max_lora_rank,
                     max_num_seqs=settings.vllm_max_num_seqs, dtype=settings.vllm_dtype,
-                    cpu_threads=settings.vllm_cpu_threads, onednn_cache=settings.vllm_onednn_cache)
+                    cpu_threads=settings.vllm_cpu_threads, onednn_cache=settings.vllm_onednn_cache,
+                    prefix_caching=settings.vllm_prefix_caching)
         opts.update(vllm_options or {})
         local.insert(0, VllmExecutor(assets.base_model, **opts))
         moe = _moe_executor(settings, pool, opts)

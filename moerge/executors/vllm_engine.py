@@ -169,7 +169,7 @@ class VllmExecutor:
     def __init__(self, model_dir: Path, *, max_resident_experts: int = 64, max_lora_rank: int = 64,
                  max_num_seqs: int = 64, dtype: str = "auto", kv_cache_gib: int = 2, max_model_len: int = 2048,
                  cpu_threads: str = "auto", onednn_cache: int | None = 16, plan_dir: Path | None = None,
-                 start: bool = True):
+                 prefix_caching: bool = True, start: bool = True):
         self.model_dir = Path(model_dir)
         dtype = resolve_dtype(dtype)     # auto: bf16 only on a CPU with native bf16 (moerge/compute.py)
         self.dtype = dtype
@@ -179,7 +179,7 @@ class VllmExecutor:
         self.engine_kwargs = dict(model=str(self.model_dir), tokenizer=str(self.model_dir), dtype=dtype,
                                   enable_lora=True, max_loras=max_num_seqs, max_lora_rank=1,
                                   max_cpu_loras=4 * max_num_seqs, max_num_seqs=max_num_seqs,
-                                  max_model_len=max_model_len, enable_prefix_caching=False,
+                                  max_model_len=max_model_len, enable_prefix_caching=bool(prefix_caching),
                                   worker_extension_cls="moerge.executors.vllm_plugin.MoergeWorkerExtension")
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gib))
         os.environ["MOERGE_PLUGIN_CAPACITY"] = str(max_resident_experts)
@@ -408,7 +408,8 @@ class VllmExecutor:
                 break
         out, usage = fut.result()
         g = _generation(out, len(prompt), usage)
-        yield StreamDelta("", g.finish_reason, g.prompt_tokens, g.completion_tokens, layer_usage=usage)
+        yield StreamDelta("", g.finish_reason, g.prompt_tokens, g.completion_tokens, layer_usage=usage,
+                          cached_tokens=g.cached_tokens)
 
 
     # -- generation from another event loop (the server's): no thread held while the engine works ----------
@@ -435,13 +436,14 @@ class VllmExecutor:
             if not fut.done():
                 fut.cancel()
         g = _generation(out, len(prompt), usage)
-        yield StreamDelta("", g.finish_reason, g.prompt_tokens, g.completion_tokens, layer_usage=usage)
+        yield StreamDelta("", g.finish_reason, g.prompt_tokens, g.completion_tokens, layer_usage=usage,
+                          cached_tokens=g.cached_tokens)
 
 
 def _generation(out, n_prompt: int, usage: dict) -> Generation:
     o = out.outputs[0]
     return Generation(o.text, n_prompt, len(o.token_ids), "length" if o.finish_reason == "length" else "stop",
-                      layer_usage=usage, token_ids=list(o.token_ids))
+                      layer_usage=usage, token_ids=list(o.token_ids), cached_tokens=int(out.num_cached_tokens or 0))
 
 
 class VllmMoeExecutor(VllmExecutor):
@@ -458,6 +460,8 @@ class VllmMoeExecutor(VllmExecutor):
         manifest = Path(model_dir) / "moerge_moe.json"
         # the MoE base's version: generations cached for a `moe` plan are only reused on the same base
         self.cache_salt = "@" + json.loads(manifest.read_text())["version"][:16] if manifest.exists() else ""
+        # off: prefix caching has not been tested with the rerouting state ESFT requests carry in the worker
+        kwargs["prefix_caching"] = False
         super().__init__(model_dir, **kwargs)
 
     async def _after_start(self) -> None:

@@ -25,6 +25,7 @@ class Generation:
     # token-level plans: {layer: {expert: share of routing mass}} measured while generating
     layer_usage: dict[int, dict[str, float]] = field(default_factory=dict)
     token_ids: list[int] = field(default_factory=list)
+    cached_tokens: int = 0      # prompt tokens whose KV the engine reused from its prefix cache
 
 
 @dataclass
@@ -34,3 +35,4 @@ class StreamDelta:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     layer_usage: dict[int, dict[str, float]] = field(default_factory=dict)   # on the final delta
+    cached_tokens: int = 0                                                    # on the final delta

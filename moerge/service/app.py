@@ -35,6 +35,13 @@ def error_body(message: str, status: int, type_: str = "invalid_request_error", 
     return {"error": {"message": message, "type": type_, "param": None, "code": code or str(status)}}
 
 
+def usage_body(prompt: int, completion: int, cached: int) -> dict:
+    """OpenAI's usage object; `prompt_tokens_details.cached_tokens` is the prompt tokens the engine
+    reused from its prefix cache (0 where an engine has none)."""
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": cached}}
+
+
 def _params(req: ChatCompletionRequest, settings: Settings) -> SamplingParams:
     max_tokens = req.max_completion_tokens or req.max_tokens or 256
     if max_tokens > settings.max_new_tokens_limit:
@@ -263,7 +270,7 @@ def create_app(runtime: Runtime) -> FastAPI:
             gen = await _until_done(request, runtime.agenerate(messages, params, plan), timeout_s)
         finally:
             slot.release()
-        metrics.count_tokens(gen.prompt_tokens, gen.completion_tokens)
+        metrics.count_tokens(gen.prompt_tokens, gen.completion_tokens, gen.cached_tokens)
         metrics.count_layer_usage(plan.layer_usage)
         await _record(feedback, cid, req.model, messages, plan)   # after a remote fallback may have changed it
         headers = plan.headers()  # a remote fallback may have changed the plan
@@ -271,8 +278,7 @@ def create_app(runtime: Runtime) -> FastAPI:
             "id": cid, "object": "chat.completion", "created": created, "model": req.model,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": gen.text},
                          "finish_reason": gen.finish_reason, "logprobs": None}],
-            "usage": {"prompt_tokens": gen.prompt_tokens, "completion_tokens": gen.completion_tokens,
-                      "total_tokens": gen.prompt_tokens + gen.completion_tokens},
+            "usage": usage_body(gen.prompt_tokens, gen.completion_tokens, gen.cached_tokens),
             "moerge": plan.info(),
         }
         return JSONResponse(body, headers=headers)
@@ -339,9 +345,8 @@ async def _sse(runtime: Runtime, metrics: Metrics, messages, params, plan, model
                 if delta.text:
                     yield chunk({"content": delta.text})
                 if delta.finish_reason:
-                    usage = {"prompt_tokens": delta.prompt_tokens, "completion_tokens": delta.completion_tokens,
-                             "total_tokens": delta.prompt_tokens + delta.completion_tokens}
-                    metrics.count_tokens(delta.prompt_tokens, delta.completion_tokens)
+                    usage = usage_body(delta.prompt_tokens, delta.completion_tokens, delta.cached_tokens)
+                    metrics.count_tokens(delta.prompt_tokens, delta.completion_tokens, delta.cached_tokens)
                     metrics.count_layer_usage(plan.layer_usage)
                     # again with the routing explanation: token-level usage is only known now
                     yield chunk({}, finish=delta.finish_reason, usage=usage, moerge=plan.info())

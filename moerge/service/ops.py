@@ -145,9 +145,11 @@ class Metrics:
         system's local executors; those with `placement()` (the servers executor) are reported."""
         self.registry.register(EnginePlacementCollector(engines))
 
-    def count_tokens(self, prompt: int, completion: int) -> None:
+    def count_tokens(self, prompt: int, completion: int, cached: int = 0) -> None:
+        """`cached`: the prompt tokens among `prompt` the engine took from its prefix cache."""
         self.tokens.labels("prompt").inc(prompt)
         self.tokens.labels("completion").inc(completion)
+        self.tokens.labels("prompt_cached").inc(cached)
 
     def count_decision(self, method: str, chosen: list[str], abstained: bool) -> None:
         """One routing decision: per method and expert, per expert over all methods, and abstains."""

@@ -181,4 +181,5 @@ class Runtime:
 
 def _as_deltas(gen: Generation):
     yield StreamDelta(gen.text)
-    yield StreamDelta("", gen.finish_reason, gen.prompt_tokens, gen.completion_tokens, layer_usage=gen.layer_usage)
+    yield StreamDelta("", gen.finish_reason, gen.prompt_tokens, gen.completion_tokens, layer_usage=gen.layer_usage,
+                      cached_tokens=gen.cached_tokens)

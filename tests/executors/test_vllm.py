@@ -240,3 +240,60 @@ def test_removing_an_expert_under_a_running_request_lets_it_finish_on_the_old_we
     assert answer_tokens(out["got"]) == answer_tokens(want) and len(answer_tokens(want)) >= 150
     keys = _wait_gone(vx, "doomed@")
     assert not any(k.startswith("doomed@") for k in keys), keys
+
+
+@pytest.mark.real
+@pytest.mark.slow
+def test_prefix_caching_reuses_a_block_only_under_the_plan_that_computed_it(system, base_model_dir, tmp_path):
+    """The instruction writer's fixed few-shot prefix is prefilled once and then taken from vLLM's prefix
+    cache. A cached block is keyed by the plan's LoRA id, which names one set of expert versions: the same
+    plan reuses it, and its tokens stay the reference engine's; another expert, a new version of an expert
+    under the same name, and a token-level plan (an id per request) get none, and their routing usage
+    still covers every token."""
+    vx, ref = system.local
+    assert vx.engine_kwargs["enable_prefix_caching"] is True
+    w = system.router_ctx.instruction_writer
+    # queries no other test sends, so nothing of these prompts is cached before this test
+    ids = [system.encode(w._messages(f"Prefix cache probe {i}: what is {17 * i} + 4?")) for i in (3, 5, 7)]
+    assert min(map(len, ids)) > 256                 # at least two full blocks of 128 in the shared prefix
+    params = SamplingParams(max_tokens=6, ignore_eos=True)
+
+    def run(plan, i):
+        g = vx.generate_many([ids[i]], params, [plan])[0]
+        want = ref.generate_many([ids[i]], params, [replace(plan, engine="reference")])[0]
+        assert answer_tokens(g) == answer_tokens(want), plan.kind
+        return g, want
+
+    base = system.plan(None)
+    run(base, 0)
+    g, _ = run(base, 1)                                 # another query, the same fixed prefix
+    assert g.cached_tokens >= 256 and g.cached_tokens < g.prompt_tokens
+    g, _ = run(system.plan(pinned("uppercase")), 1)     # the same tokens under an expert: its own blocks
+    assert g.cached_tokens == 0
+    g, _ = run(system.plan(pinned("uppercase")), 2)     # ... reused by the same expert
+    assert g.cached_tokens >= 256
+
+    v1 = make_lora(base_model_dir, tmp_path / "v1", base_name=BASE_ID, r=4, seed=11, scale_b=0.3)
+    system.pool.register_lora(v1, "cached", "version 1 of an expert replaced under the same name")
+    try:
+        run(system.plan(pinned("cached")), 0)
+        g, _ = run(system.plan(pinned("cached")), 1)
+        assert g.cached_tokens >= 256
+        system.pool.remove("cached")
+        v2 = make_lora(base_model_dir, tmp_path / "v2", base_name=BASE_ID, r=4, seed=12, scale_b=0.3)
+        system.pool.register_lora(v2, "cached", "version 2: other weights, the same name")
+        g, _ = run(system.plan(pinned("cached")), 1)    # version 1's blocks of this prompt must not be reused
+        assert g.cached_tokens == 0
+    finally:
+        if any(c.name == "cached" for c in system.pool.list()):
+            system.pool.remove("cached")
+
+    arrow = make_router("arrow", system.router_ctx)
+    for _ in range(2):                                   # a token-level plan: an id per request, nothing shared
+        plan = system.plan(arrow.route("Prefix cache probe: what is 55 + 4?"))
+        assert plan.kind == "token_mixture"
+        g, want = run(plan, 0)
+        assert g.cached_tokens == 0
+        assert set(g.layer_usage) == set(want.layer_usage) == set(range(30))
+        for layer, shares in want.layer_usage.items():
+            assert g.layer_usage[layer] == pytest.approx(shares, abs=2e-3)

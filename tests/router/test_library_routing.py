@@ -133,7 +133,10 @@ def test_calibrate_alpha_picks_the_best_alpha_on_development_prompts(library_sys
     tok = system.local[-1].tokenizer
     alpha, detail = calibrate_alpha(library_ctx, answer, tok, alphas=(1.0, 100.0), per_task=1)
     acc = detail["accuracy_by_alpha"]
-    assert set(acc) == {"1", "100"} and detail["n"] == 12
+    from moerge.tasks import BY_NAME
+    tasks = [BY_NAME[c.extra["task"]] for c in library_ctx.pool.list() if c.kind == "lora"]
+    # one training-template sample per expert, and one over the training content pool where the task has one
+    assert set(acc) == {"1", "100"} and detail["n"] == 12 + sum(t.make_content is not None for t in tasks) > 12
     assert acc[f"{alpha:g}"] == max(acc.values())
     # α=100 lets the global choice (top-1 ≥ 95% on held-in) pick the own expert; α=1 leaves the
     # near-chance token gates in charge (see README, "What this shows")

@@ -94,7 +94,8 @@ smoke() {
         -v moerge-smoke-data:/data:ro -v moerge-smoke-pool:/pool:ro \
         --entrypoint python "$IMAGE" -m vllm.entrypoints.openai.api_server \
         --model /data/models/SmolLM2-135M-Instruct --host 127.0.0.1 --port "$VLLM_PORT" \
-        --max-model-len 1024 --dtype "$dtype" --enable-lora --max-loras 4 --max-lora-rank 64 >/dev/null
+        --max-model-len 1024 --dtype "$dtype" --enable-lora --max-loras 4 --max-lora-rank 64 \
+        --enable-prompt-tokens-details >/dev/null
     # a replica: the compose stack's moerge-a, on SQLite in the pool volume
     podman run -d --name moerge-smoke-api --network host --shm-size 1g \
         -e MOERGE_PORT="$API_PORT" -e MOERGE_HOST=127.0.0.1 -e MOERGE_POOL_DIR=/pool \

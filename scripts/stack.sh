@@ -188,7 +188,7 @@ start() {
       ONEDNN_PRIMITIVE_CACHE_CAPACITY="$cache" LRU_CACHE_CAPACITY="$cache" \
       "$ROOT/.venv/bin/python" -m vllm.entrypoints.openai.api_server --model "$base_model" \
       --host 127.0.0.1 --port "$p_vllm" --max-model-len 1024 --dtype "$dtype" \
-      --enable-lora --max-loras "$max_loras" --max-lora-rank 64
+      --enable-lora --max-loras "$max_loras" --max-lora-rank 64 --enable-prompt-tokens-details
   fi
 
   # Two replicas on one pool: one registry database, one artifact folder, one models folder.

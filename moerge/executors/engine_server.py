@@ -3,7 +3,9 @@ engine: the command, its environment, and a launcher that waits until it answers
 
 What the executor needs from a server: runtime LoRA loading (`VLLM_ALLOW_RUNTIME_LORA_UPDATING=True`,
 `--enable-lora`), `--max-loras` equal to moerge's `engine_max_loras`, a `--max-lora-rank` at least
-the pool's largest rank, and read access to the pool folder (adapters are loaded by path).
+the pool's largest rank, and read access to the pool folder (adapters are loaded by path). With
+`--enable-prompt-tokens-details` a server reports the prompt tokens it took from its prefix cache (on by
+default in vLLM's servers), and moerge passes them on in the usage of its answers.
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ def server_command(model_dir: Path, port: int, *, max_loras: int = 4, max_lora_r
     return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
             "--served-model-name", served_name, "--host", host, "--port", str(port),
             "--dtype", resolve_dtype(dtype), "--max-model-len", str(max_model_len), "--enable-lora",
-            "--max-loras", str(max_loras), "--max-cpu-loras", str(max_loras), "--max-lora-rank", str(max_lora_rank)]
+            "--max-loras", str(max_loras), "--max-cpu-loras", str(max_loras), "--max-lora-rank", str(max_lora_rank),
+            "--enable-prompt-tokens-details"]
 
 
 def server_env(cores: str | None = None, kv_cache_gib: int = 1, **extra: str) -> dict[str, str]:

@@ -282,7 +282,8 @@ class VllmServersExecutor:
             choice = out["choices"][0]
             ids = list(choice.get("token_ids") or [])
             return Generation(choice["text"], len(prompt), len(ids),
-                              "length" if choice.get("finish_reason") == "length" else "stop", token_ids=ids)
+                              "length" if choice.get("finish_reason") == "length" else "stop", token_ids=ids,
+                              cached_tokens=_cached_tokens(out.get("usage")))
         raise _every_attempt_failed()
 
     async def _stream(self, prompt: list[int], params: SamplingParams, plan: ExecutionPlan
@@ -291,13 +292,14 @@ class VllmServersExecutor:
         after it, the stream ends with ServerStreamError. Closing this closes the server's stream."""
         for _ in range(2 * len(self.urls) + 1):
             lease = await self._lease(plan)
-            sent, n_out, finish = False, 0, "stop"
+            sent, n_out, finish, cached = False, 0, "stop", 0
             try:
                 async with aclosing(self.client.stream(lease.engine.url,
                                                        self._body(lease.model, prompt, params, True))) as chunks:
                     async for chunk in chunks:
                         if chunk.get("usage"):
                             n_out = chunk["usage"].get("completion_tokens") or n_out
+                            cached = _cached_tokens(chunk["usage"]) or cached
                         for c in chunk.get("choices") or []:
                             if c.get("finish_reason"):
                                 finish = "length" if c["finish_reason"] == "length" else "stop"
@@ -315,7 +317,7 @@ class VllmServersExecutor:
                 continue
             finally:
                 self.table.release(lease)
-            yield StreamDelta("", finish, len(prompt), n_out)
+            yield StreamDelta("", finish, len(prompt), n_out, cached_tokens=cached)
             return
         raise _every_attempt_failed()
 
@@ -370,3 +372,10 @@ def _every_attempt_failed() -> NoEngineError:
 
 async def _next(it: AsyncIterator):
     return await anext(it, _END)
+
+
+def _cached_tokens(usage: dict | None) -> int:
+    """The prompt tokens a server took from its prefix cache, from its usage (servers started with
+    --enable-prompt-tokens-details report them; others report nothing: 0)."""
+    details = (usage or {}).get("prompt_tokens_details") or {}
+    return int(details.get("cached_tokens") or 0)

@@ -158,6 +158,27 @@ def test_concurrent_requests_for_one_new_adapter_cause_one_load(system, base_mod
 
 @pytest.mark.real
 @pytest.mark.slow
+def test_an_answer_reports_the_prompt_tokens_its_server_took_from_its_prefix_cache(system, base_model_dir, tmp_path):
+    """The servers run with vLLM's prefix cache and --enable-prompt-tokens-details (engine_server.py): a second
+    request on the same adapter that shares a long prefix with the first reports the reused tokens, answering
+    and streaming; nothing else has sent these prompts."""
+    sx, _ = system.local
+    plan = _fresh_expert(system, base_model_dir, tmp_path, "cached", seed=21)
+    rules = " ".join(f"Rule {i}: item {i} costs {i + 3} coins." for i in range(40))
+    chats = [[{"role": "system", "content": rules}, {"role": "user", "content": q}]
+             for q in ("What does item 5 cost?", "What does item 9 cost?", "What does item 2 cost?")]
+    ids = [system.encode(c) for c in chats]
+    assert len(ids[0]) > 300
+    params = SamplingParams(max_tokens=4)
+    first = sx.generate_tokens(ids[0], params, plan)
+    second = sx.generate_tokens(ids[1], params, plan)       # the adapter's server: it holds the adapter
+    assert first.cached_tokens < 256 <= second.cached_tokens < second.prompt_tokens
+    deltas = list(sx.stream(chats[2], params, plan))
+    assert deltas[-1].finish_reason and deltas[-1].cached_tokens >= 256
+
+
+@pytest.mark.real
+@pytest.mark.slow
 @pytest.mark.long
 def test_an_adapter_with_a_request_in_flight_is_not_evicted(system):
     """A long request on one adapter while every other slot turns over twice: it keeps its slot, and

@@ -113,7 +113,8 @@ class Settings(BaseSettings):
                                       "request with the same plan computed (above all the instruction writer's fixed "
                                       "few-shot prefix, on every glider-global routing). Cached blocks are keyed by the "
                                       "plan's LoRA id, which names one set of expert versions; token-level plans get an "
-                                      "id per request and never share. The MoE engine keeps it off")
+                                      "id per request and never share; an ESFT adapter's plan has one id per adapter version, whichever rows its "
+                                      "experts are loaded into")
     vllm_cpu_threads: str = Field(default="auto", description="vLLM CPU compute cores: auto (vLLM's default: "
                                   "on this 2-core machine one core, the other reserved) | all | a list like 0-3")
     routing_method: str = Field(default="glider-global", description="method used for model=auto")

@@ -210,7 +210,8 @@ def attach_moe(system: System, vllm_options: dict | None = None) -> None:
     """Start the MoE engine on the pool's current MoE base (built after `start`), next after vLLM."""
     settings = system.settings.model_copy(update={"moe_engine": "on"})
     opts = dict(dtype=settings.vllm_dtype, cpu_threads=settings.vllm_cpu_threads,
-                max_num_seqs=settings.vllm_max_num_seqs, onednn_cache=settings.vllm_onednn_cache)
+                max_num_seqs=settings.vllm_max_num_seqs, onednn_cache=settings.vllm_onednn_cache,
+                prefix_caching=settings.vllm_prefix_caching)
     opts.update(vllm_options or {})
     system.local.insert(1, _moe_executor(settings, system.pool, opts))
 

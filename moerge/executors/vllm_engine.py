@@ -460,8 +460,6 @@ class VllmMoeExecutor(VllmExecutor):
         manifest = Path(model_dir) / "moerge_moe.json"
         # the MoE base's version: generations cached for a `moe` plan are only reused on the same base
         self.cache_salt = "@" + json.loads(manifest.read_text())["version"][:16] if manifest.exists() else ""
-        # off: prefix caching has not been tested with the rerouting state ESFT requests carry in the worker
-        kwargs["prefix_caching"] = False
         super().__init__(model_dir, **kwargs)
 
     async def _after_start(self) -> None:

@@ -116,6 +116,51 @@ def test_adapters_past_the_slots_evict_the_least_recently_used_and_come_back_rig
 
 @pytest.mark.real
 @pytest.mark.slow
+def test_prefix_caching_on_the_moe_engine_keeps_each_adapters_tokens_through_evictions(moe_system, tmp_path):
+    """A long shared prefix is prefilled once per plan: the bare MoE base and an ESFT adapter each reuse their own
+    blocks and never each other's, and an adapter evicted from its rows and loaded again (into whichever rows are
+    free) still answers with its merged checkpoint's tokens over its cached prefix."""
+    from transformers import AutoModelForCausalLM
+
+    from moerge.moe.esft import load_esft, merged_checkpoint
+    system, base = moe_system
+    moe = system.local[1]
+    assert moe.engine_kwargs["enable_prefix_caching"] is True
+    rules = " ".join(f"Rule {i}: a tide of kind {i} rises {i + 2} fathoms at {6 + i % 5} o'clock." for i in range(24))
+    ids = [system.encode([{"role": "system", "content": rules}, {"role": "user", "content": q}])
+           for q in ("How high is kind 3?", "When does kind 4 rise?", "Which kind rises 7 fathoms?")]
+    assert min(map(len, ids)) > 300
+    pa, pm = system.plan(pinned("esft_a")), system.plan(make_router("moe", system.router_ctx).route(PROMPTS[0]))
+    assert (pa.kind, pm.kind) == ("esft", "moe")
+    moe.generate_many(ids[:1], PARAMS, [pm])
+    assert moe.generate_many(ids[1:2], PARAMS, [pm])[0].cached_tokens >= 256      # the bare base reuses its own
+    got = [moe.generate_many(ids[i:i + 1], PARAMS, [pa])[0] for i in range(2)]
+    assert got[0].cached_tokens == 0 and got[1].cached_tokens >= 256               # its own blocks, not the base's
+    card = system.pool.register_esft(synthetic_esft(base, tmp_path / "d", {7: [1], 25: [0, 3]}, 4), "esft_d")
+    try:
+        before = moe.describe()["moe"]["adapter_evictions"]
+        for plan in (system.plan(pinned("esft_d")), system.plan(pinned("esft_b"))):   # 2 slots: esft_a leaves
+            moe.generate_many(ids[2:3], PARAMS, [plan])
+        assert moe.describe()["moe"]["adapter_evictions"] >= before + 1
+        assert not any(k.startswith("esft_a@") for k in moe.describe()["moe"]["resident_adapters"])
+        again = moe.generate_many(ids[:2], PARAMS, [pa, pa])
+    finally:
+        system.pool.remove(card.name)
+    assert all(g.cached_tokens >= 256 for g in again)
+    merged = merged_checkpoint(base, load_esft(system.pool.esft_dir(system.pool.get("esft_a")), base),
+                               tmp_path / "merged_a")
+    model = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32).eval()
+    for prompt, served in zip(ids[:2], _tokens(again)):
+        answer = served[:served.index(2) + 1] if 2 in served else served
+        with torch.inference_mode():
+            out = model.generate(input_ids=torch.tensor([prompt]), max_new_tokens=len(answer), do_sample=False,
+                                 eos_token_id=2, pad_token_id=2)
+        assert out[0, len(prompt):].tolist() == answer
+    assert _tokens(again) == _tokens(got)
+
+
+@pytest.mark.real
+@pytest.mark.slow
 def test_auto_routing_picks_an_esft_expert_by_its_card(moe_system):
     system, _ = moe_system
     d = make_router("embed", system.router_ctx).route("How many fathoms deep is the sea near the harbour at high tide?")

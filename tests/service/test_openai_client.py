@@ -81,4 +81,3 @@ def test_health_models_and_bad_requests(base_server):
     r = httpx.post(base_server + "/v1/chat/completions",
                    json={"model": "no-such-expert", "messages": [{"role": "user", "content": "hi"}]})
     assert r.status_code == 404 and "no-such-expert" in r.json()["error"]["message"]
-
